@@ -1,0 +1,165 @@
+"""The bundled mini corpus (data/mini_corpus) and tools/make_corpus.py that makes it."""
+
+import csv
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from speechbrain.dataio.dataio import read_audio
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data" / "mini_corpus"
+SCRIPT = REPO / "tools" / "make_corpus.py"
+SPLITS = ["train", "valid", "test", "real"]
+HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
+
+
+def load(split):
+    with open(CORPUS / f"{split}.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == HEADER, f"{split}.csv header"
+        return list(reader)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_corpus", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {split: load(split) for split in SPLITS}
+
+
+def test_split_sizes(rows):
+    assert len(rows["train"]) >= 2000
+    assert 100 <= len(rows["valid"]) <= 200
+    assert len(rows["test"]) == 200
+    assert len(rows["real"]) == 10
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_audio_matches_csv(rows, split):
+    for row in rows[split]:
+        path = CORPUS / row["wav"]
+        assert not Path(row["wav"]).is_absolute() and path.is_file(), row["wav"]
+        info = sf.info(path)
+        assert (info.samplerate, info.channels) == (16000, 1), row["wav"]
+        assert abs(info.frames / info.samplerate - float(row["duration"])) <= 0.05, row["ID"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_speechbrain_decodes_float_audio_of_csv_duration(rows, split):
+    for row in rows[split][:25]:
+        audio = read_audio(str(CORPUS / row["wav"]))
+        assert audio.dtype == torch.float32 and audio.dim() == 1
+        assert abs(audio.shape[0] / 16000 - float(row["duration"])) <= 0.05, row["ID"]
+        assert 0.01 < audio.abs().max() <= 1.0, row["ID"]
+
+
+def test_ids_unique_and_transcripts_clean(rows):
+    ids = [r["ID"] for split in SPLITS for r in rows[split]]
+    assert len(ids) == len(set(ids))
+    for split in SPLITS:
+        for r in rows[split]:
+            assert re.fullmatch(r"[A-Z']+( [A-Z']+)*", r["wrd"]), (split, r["ID"])
+
+
+def test_synthetic_rows_use_espeak_voices(rows):
+    for split in ["train", "valid", "test"]:
+        for r in rows[split]:
+            assert re.fullmatch(r"en(-[a-z0-9]+)*\+[mf]\d", r["spk_id"]), r["spk_id"]
+            assert len(r["wrd"].split()) <= 12
+    assert len({r["spk_id"].split("+")[0] for r in rows["train"]}) == 8
+
+
+def test_no_sentence_shared_between_splits(rows):
+    sets = {s: {r["wrd"] for r in rows[s]} for s in ["train", "valid", "test"]}
+    assert not sets["train"] & sets["valid"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["valid"] & sets["test"]
+
+
+def test_test_words_occur_in_train(rows):
+    vocab = {w for r in rows["train"] for w in r["wrd"].split()}
+    test_words = [w for r in rows["test"] for w in r["wrd"].split()]
+    assert sum(w not in vocab for w in test_words) / len(test_words) <= 0.02
+
+
+def test_sentences_come_from_bundled_list(rows):
+    bundled = set((CORPUS / "sentences.txt").read_text(encoding="utf-8").splitlines())
+    for split in ["train", "valid", "test"]:
+        assert {r["wrd"] for r in rows[split]} <= bundled
+
+
+def test_total_audio_size_under_20_mb():
+    total = sum(p.stat().st_size for p in (CORPUS / "audio").rglob("*") if p.is_file())
+    assert total <= 20 * 1000 ** 2
+
+
+def test_split_sentences_disjoint_and_in_vocabulary():
+    import random
+
+    mc = load_script()
+    # Every A/B sentence holds both words, so any 6 of these 10 give train the vocabulary {A, B}.
+    sentences = ["A B", "B A", "A A B", "A B B", "B B A", "B A A", "A B A", "B A B",
+                 "A Z1 B", "B Z2 A"]
+    for seed in range(5):
+        splits = mc.split_sentences(sentences, 6, 1, 1, 0, random.Random(seed))
+        vocab = {w for s in splits["train"] for w in s.split()}
+        held = splits["valid"] + splits["test"]
+        assert len(set(held + splits["train"])) == 8
+        assert all(w in vocab for s in held for w in s.split())
+        with pytest.raises(ValueError, match="--max-oov"):
+            mc.split_sentences(sentences, 6, 3, 2, 0, random.Random(seed))
+
+
+def test_read_sentences_rejects_lower_case(tmp_path):
+    mc = load_script()
+    path = tmp_path / "s.txt"
+    path.write_text("ONE TWO THREE FOUR\nfive six seven eight\n")
+    with pytest.raises(ValueError, match=r"s\.txt:2"):
+        mc.read_sentences(path, 1, 12)
+
+
+def test_missing_espeak_gives_clear_error(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # an empty folder: no espeak-ng, no sox
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0
+    assert "espeak-ng" in result.stderr and "apt-get install espeak-ng" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                    reason="espeak-ng and sox not installed")
+def test_end_to_end_two_sentences_reproducible(tmp_path):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("THE CAT SAT ON THE MAT\nTHE DOG SAT ON THE CAT\n")
+    outs = []
+    for name in ["a", "b"]:
+        out = tmp_path / name
+        subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--sentences",
+                        str(sentences), "--n-train", "1", "--n-valid", "0", "--n-test", "1",
+                        "--max-oov", "9", "--real-csv", str(CORPUS / "real.csv")],
+                       check=True, capture_output=True, timeout=120)
+        outs.append(out)
+    for split, n in [("train", 1), ("valid", 0), ("test", 1), ("real", 10)]:
+        text = (outs[0] / f"{split}.csv").read_text()
+        assert text == (outs[1] / f"{split}.csv").read_text()
+        rows = list(csv.DictReader(text.splitlines()))
+        assert len(rows) == n
+        for r in rows:
+            info = sf.info(outs[0] / r["wav"])
+            assert info.samplerate == 16000 and info.channels == 1
+            assert 0.5 < float(r["duration"]) < 5
+    assert (outs[0] / "audio" / "train" / "tr_00001.ogg").is_file()
