@@ -16,7 +16,7 @@ test: venv
 	$(BIN)/python -m pytest tests
 
 demo: venv
-	$(BIN)/python demo.py
+	$(BIN)/python demo.py $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_scan.py

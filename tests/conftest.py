@@ -10,7 +10,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # The machine running CI has 2 cores; parallel BLAS threads only add contention in small tests.
-torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,236 @@
+"""Real-time factor (processing time / audio duration) of transcription on CPU.
+
+    python benchmarks/bench_rtf.py                    # 10, 60 and 600 s of audio, all models
+    python benchmarks/bench_rtf.py --quick            # 10 and 60 s
+    python benchmarks/bench_rtf.py --demo-model results/CTC/demo/7775/inference   # + a trained one
+
+What is timed: Transcriber.transcribe_files([one 16 kHz WAV]) of recipes.transcriber, i.e. reading,
+features, encoder, decoding and (beyond --chunk-seconds) chunking + merging; after a warm-up call
+on 2 s. Median of 3 runs for audio up to 10 s (one when a run takes over 10 s), else one run.
+Each (model, duration) row runs in its own process with torch.set_num_threads(--threads).
+"time s": wall clock. "CPU s": the process's CPU time (all threads) in that run; on a busy machine
+wall time mostly measures the other processes (and OpenMP threads spin while waiting for a
+descheduled sibling), so with --threads 1 "CPU s" is close to what the run takes on an idle core.
+"peak MB": the process's peak resident memory (VmHWM: imports + model + decoding; the imports of
+torch and SpeechBrain alone take ~0.75 GB); "loaded MB": resident memory once the model is loaded;
+the difference is what decoding added.
+
+Models: random weights (RTF does not depend on them, except S2S decode lengths, see below),
+exported with export_untrained() as inference folders from the official-size recipes:
+ConMamba / Conformer CTC large (greedy CTC) and ConMamba S2S small (beam 10, with and without the
+CTC scorer; "CTC top20": the CTC scorer rescores only the 20 best tokens per step, option
+ctc_partial). A random S2S decoder hardly ever emits <eos>, so every hypothesis runs to
+max_decode_ratio * encoder frames: the S2S rows cap it at --s2s-max-decode-ratio (0.2 = 5 tokens
+per second of audio, about a trained 5000-unigram model's rate on read speech), which keeps the
+number of decoding steps realistic. S2S rows stop at 60 s by default: the full-vocabulary CTC
+scorer (SpeechBrain's CTCPrefixScore, 5000 tokens, a Python loop over frames at every step) is
+slow on CPU, and longer audio only repeats the same 30 s chunks (time grows linearly with the
+number of chunks, peak memory does not grow). The audio is speech from data/mini_corpus (looped),
+or noise. The machine load (os.getloadavg) is printed: other processes on the cores slow every row.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+SENTENCES = os.path.join(REPO, "data", "mini_corpus", "sentences.txt")
+SAMPLE_RATE = 16000
+
+
+def speech_like(seconds, seed=0):
+    """float32 (samples,) at 16 kHz: bundled corpus speech looped to `seconds`, else noise."""
+    import numpy as np
+    import soundfile
+
+    files = sorted(glob.glob(os.path.join(REPO, "data", "mini_corpus", "audio", "*", "*.*")))
+    need = int(seconds * SAMPLE_RATE)
+    pieces, total = [], 0
+    for path in files[:400]:
+        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
+        if sr != SAMPLE_RATE:
+            continue
+        pieces.append(audio.mean(axis=1))
+        total += len(pieces[-1])
+        if total >= need:
+            break
+    if not pieces:
+        rng = np.random.default_rng(seed)
+        return (0.1 * rng.standard_normal(need)).astype("float32")
+    loop = np.concatenate(pieces)
+    return np.resize(loop, need).astype("float32")
+
+
+def export_untrained(recipe, kind, folder, overrides=None, n_sentences=10000):
+    """Exports a randomly initialised model of `recipe` ('CTC'|'S2S') as an inference folder.
+
+    The tokenizer is trained as the recipe does (SentencePiece, recipe's token type and
+    output_neurons) on the first n_sentences of data/mini_corpus/sentences.txt; the feature
+    normaliser gets its statistics from 20 s of speech_like audio. Returns the folder.
+    """
+    import torch
+
+    from recipes.export import export_inference_folder
+    from recipes.hparams import load_recipe
+    from recipes.tokenizer import train_tokenizer
+
+    os.makedirs(os.path.join(folder, "save"), exist_ok=True)
+    text_csv = os.path.join(folder, "sentences.csv")
+    with open(SENTENCES) as f:
+        lines = [line.strip() for line in f if line.strip()][:n_sentences]
+    with open(text_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writerows([f"s{i}", 1.0, "unused.wav", "spk", line] for i, line in enumerate(lines))
+    values = {"output_folder": folder, "train_csv": text_csv, "skip_prep": True,
+              "data_folder": folder}
+    if kind == "S2S":
+        values["no_lm"] = True
+    hparams, _, _ = load_recipe(recipe, {**values, **(overrides or {})}, "cpu")
+    _, tokenizer_file = train_tokenizer(hparams)
+    with torch.no_grad():
+        wav = torch.from_numpy(speech_like(20.0)).unsqueeze(0)
+        hparams["normalize"].train()
+        hparams["normalize"](hparams["compute_features"](wav), torch.ones(1), epoch=0)
+    return export_inference_folder(hparams, kind, tokenizer_file)
+
+
+def measure(folder, wav_path, options, threads):
+    """One row, in this process: {'rtf', 'seconds', 'chunks', 'loaded_mb', 'peak_mb', ...}."""
+    import soundfile
+    import torch
+
+    from recipes.transcriber import Transcriber
+
+    torch.set_num_threads(threads)
+    asr = Transcriber.from_folder(folder, device="cpu", **options)
+    loaded = _rss_mb("VmRSS")
+    audio, sr = soundfile.read(wav_path, dtype="float32")
+    duration = len(audio) / sr
+    asr.transcribe_waveform(audio[: 2 * sr], sr)  # warm-up
+    runs = []
+    while len(runs) < (3 if duration <= 10 and sum(r[0] for r in runs) < 10 else 1):
+        start, cpu = time.perf_counter(), time.process_time()
+        text = asr.transcribe_files([wav_path])[0]
+        runs.append((time.perf_counter() - start, time.process_time() - cpu))
+    seconds, cpu = sorted(runs)[len(runs) // 2]
+    return {"seconds": seconds, "rtf": seconds / duration, "cpu": cpu,
+            "chunks": len(asr.last_chunks[0]),
+            "words": len(text.split()), "loaded_mb": loaded, "peak_mb": _rss_mb("VmHWM")}
+
+
+def _rss_mb(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # macOS: ru_maxrss in bytes (peak only)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def models(args):
+    """[(name, decoding label, recipe, kind, export overrides, Transcriber options)]."""
+    s2s = {"max_decode_ratio": args.s2s_max_decode_ratio}
+    chunking = {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
+                "batch_size": args.batch_size}
+    rows = [
+        ("ConMamba CTC large", "greedy", "hparams/CTC/conmamba_large.yaml", "CTC", {}, {}),
+        ("Conformer CTC large", "greedy", "hparams/CTC/conformer_large.yaml", "CTC", {}, {}),
+        ("ConMamba S2S small", "beam 10 + CTC", "hparams/S2S/conmamba_small.yaml", "S2S", s2s,
+         {"beam_size": 10}),
+        ("ConMamba S2S small", "beam 10 + CTC top20", "hparams/S2S/conmamba_small.yaml", "S2S",
+         s2s, {"beam_size": 10, "ctc_partial": True}),
+        ("ConMamba S2S small", "beam 10, no CTC", "hparams/S2S/conmamba_small.yaml", "S2S", s2s,
+         {"beam_size": 10, "ctc_weight": 0.0}),
+    ]
+    if args.demo_model:
+        rows.insert(2, ("demo (trained)", "greedy", None, "CTC", None, {}))
+    return [(n, d, r, k, o, {**opts, **chunking}) for n, d, r, k, o, opts in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 and 60 s only")
+    parser.add_argument("--durations", type=float, nargs="+", default=None,
+                        help="audio lengths in seconds (default 10 60 600)")
+    parser.add_argument("--demo-model", default=None, help="exported folder of a trained model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-seconds", type=float, default=30.0)
+    parser.add_argument("--overlap-seconds", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--s2s-max-decode-ratio", type=float, default=0.2)
+    parser.add_argument("--s2s-durations", type=float, nargs="+", default=None,
+                        help="audio lengths for the S2S rows (default: those of --durations up "
+                             "to 60 s: beyond, chunks of the same size repeat, see the docstring)")
+    parser.add_argument("--only", default=None, help="run the rows whose name contains this")
+    parser.add_argument("--work-dir", default=None,
+                        help="exported models and audio are kept here and reused (default: temp)")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row
+    args = parser.parse_args()
+    if args.row:
+        row = json.loads(args.row)
+        print(json.dumps(measure(row["folder"], row["wav"], row["options"], args.threads)))
+        return
+    durations = args.durations or ([10, 60] if args.quick else [10, 60, 600])
+    s2s_durations = args.s2s_durations or [d for d in durations if d <= 60]
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_rtf_")
+    os.makedirs(work, exist_ok=True)
+
+    import soundfile
+
+    wavs = {}
+    for seconds in sorted(set(durations) | set(s2s_durations)):
+        wavs[seconds] = os.path.join(work, f"audio_{seconds:g}s.wav")
+        if not os.path.isfile(wavs[seconds]):
+            soundfile.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
+    print(f"bench_rtf: CPU, {args.threads} torch threads, chunks {args.chunk_seconds:g} s "
+          f"overlapping {args.overlap_seconds:g} s, batch {args.batch_size}; load average at "
+          f"start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores",
+          flush=True)
+    header = (f"{'model':<21} {'decoding':<20} {'audio s':>7} {'chunks':>6} {'time s':>8} "
+              f"{'RTF':>7} {'CPU s':>7} {'loaded MB':>9} {'peak MB':>8}")
+    print(header + "\n" + "-" * len(header), flush=True)
+    for name, decoding, recipe, kind, overrides, options in models(args):
+        if args.only and args.only.lower() not in name.lower():
+            continue
+        if recipe is None:
+            folder = args.demo_model
+        else:
+            tag = os.path.splitext(os.path.basename(recipe))[0]
+            folder = os.path.join(work, f"{kind}_{tag}", "inference")
+            if not os.path.isfile(os.path.join(folder, "hyperparams.yaml")):
+                export_untrained(os.path.join(REPO, recipe), kind, os.path.dirname(folder),
+                                 overrides)
+        for seconds in (durations if kind == "CTC" else s2s_durations):
+            row = json.dumps({"folder": folder, "wav": wavs[seconds], "options": options})
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", row,
+                                   "--threads", str(args.threads)],
+                                  capture_output=True, text=True, cwd=REPO)
+            if proc.returncode:
+                line = f"{name:<21} {decoding:<20} {seconds:>7g} FAILED: " + \
+                    (proc.stderr.strip().splitlines() or ["?"])[-1]
+            else:
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                line = (f"{name:<21} {decoding:<20} {seconds:>7g} {r['chunks']:>6} "
+                        f"{r['seconds']:>8.2f} {r['rtf']:>7.3f} {r['cpu']:>7.2f} "
+                        f"{r['loaded_mb']:>9.0f} {r['peak_mb']:>8.0f}")
+            print(line, flush=True)
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"(models and audio in {work})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""`make demo`: trains a small ConMamba CTC model (hparams/CTC/demo.yaml) on the bundled corpus
+on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech, transcribes
+one bundled file with the exported model and prints a summary table.
+
+    python demo.py                      # full demo: ~15 min on 2 idle CPU cores
+    python demo.py --epochs 4           # shorter run (the time budget knob: ~1.7 min per epoch)
+    python demo.py --resume             # continue an interrupted run in the same folder
+    python demo.py --quick              # smoke run in seconds: tiny model, few utterances
+
+Training runs train_CTC.py in a subprocess (its progress bar and logs go to this terminal);
+everything it writes (checkpoints, wer_*.txt / cer_*.txt, inference/) and summary.json land in
+--output-folder (default demo_results/).
+"""
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(REPO, "data", "mini_corpus")
+HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo.yaml")
+SPLITS = ("train", "valid", "test", "real")
+TEST_SETS = ("test", "real")  # test_csv of demo.yaml, in this order
+# --quick: a model that trains in seconds, and utterances per split
+QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "d_ffn": 64, "d_state": 4,
+               "beam_size": 2}
+QUICK_UTTERANCES = {"train": 24, "valid": 4, "test": 4, "real": 2}
+RATE_LINE = re.compile(r"^%WER ([0-9.]+) \[ (\d+) / (\d+)")
+
+
+class DemoError(RuntimeError):
+    """Something the user can fix; the message says what."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs over the 2150 bundled utterances (default: demo.yaml's)")
+    p.add_argument("--output-folder", default=os.path.join(REPO, "demo_results"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the output folder and continue from its last checkpoint "
+                        "(default: start afresh)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu (the demo's target), cuda or mps")
+    p.add_argument("--corpus", default=CORPUS,
+                   help="folder with train/valid/test/real CSVs, e.g. a bigger corpus made by "
+                        "tools/make_corpus.py (default: the bundled data/mini_corpus)")
+    p.add_argument("--file", default=None,
+                   help="audio file to transcribe at the end (default: the first test utterance)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny model, 1 epoch on a few utterances (for tests)")
+    args = p.parse_args(argv)
+    args.corpus = os.path.abspath(args.corpus)
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    return args
+
+
+def read_rows(split, corpus):
+    path = os.path.join(corpus, f"{split}.csv")
+    if not os.path.isfile(path):
+        hint = ("restore data/mini_corpus from the repository (git checkout data/mini_corpus)"
+                if corpus == CORPUS else "make it with tools/make_corpus.py (--real-csv for real)")
+        raise DemoError(f"{path} is missing: {hint}")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_subset(folder, counts, corpus):
+    """Writes the first counts[split] rows of each bundled CSV to folder/<split>.csv with
+    absolute wav paths; returns {split: csv path}."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for split, n in counts.items():
+        rows = read_rows(split, corpus)[:n]
+        for row in rows:
+            row["wav"] = os.path.join(corpus, row["wav"])
+        paths[split] = os.path.join(folder, f"{split}.csv")
+        with open(paths[split], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return paths
+
+
+def train_command(args, out):
+    """The train_CTC.py command line for this demo run."""
+    cmd = [sys.executable, os.path.join(REPO, "train_CTC.py"), HPARAMS, "--device", args.device,
+           "--output_folder", out]
+    if args.quick:
+        csvs = write_subset(os.path.join(out, "quick_data"), QUICK_UTTERANCES, args.corpus)
+        cmd += ["--train_csv", csvs["train"], "--valid_csv", csvs["valid"],
+                "--test_csv", f"[{csvs['test']}, {csvs['real']}]", "--number_of_epochs", "1",
+                "--n_warmup_steps", "2", "--steps_per_epoch", "4", "--noprogressbar"]
+        for key, value in QUICK_MODEL.items():
+            cmd += [f"--{key}", str(value)]
+    elif args.corpus != CORPUS:
+        csv_path = {s: os.path.join(args.corpus, f"{s}.csv") for s in SPLITS}
+        cmd += ["--data_folder", args.corpus, "--train_csv", csv_path["train"],
+                "--valid_csv", csv_path["valid"],
+                "--test_csv", f"[{csv_path['test']}, {csv_path['real']}]"]
+    if args.epochs is not None:
+        cmd += ["--number_of_epochs", str(args.epochs)]
+    return cmd
+
+
+def read_error_rate(path):
+    """(rate in %, errors, reference units) from a wer_*.txt / cer_*.txt file of SpeechBrain."""
+    if not os.path.isfile(path):
+        raise DemoError(f"{path} was not written: training or testing failed (see the log above "
+                        "and train_log.txt in the output folder)")
+    with open(path) as f:
+        match = RATE_LINE.match(f.readline())
+    if not match:
+        raise DemoError(f"{path} does not start with a '%WER x [ e / n' line")
+    return float(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def transcribe(inference_folder, wav, device):
+    """Transcript of one file with the exported model, and the parameter count of the model."""
+    sys.path.insert(0, REPO)
+    from recipes.transcriber import Transcriber
+
+    asr = Transcriber.from_folder(inference_folder, device=device,
+                                  savedir=os.path.join(os.path.dirname(inference_folder),
+                                                       "inference_cache"))
+    params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
+    return asr.transcribe_files([wav])[0], params
+
+
+def format_table(summary):
+    rows = [("device", summary["device"]),
+            ("train utterances", f"{summary['train_utterances']} "
+                                 f"({summary['train_hours']:.2f} h), {summary['epochs']} epochs"),
+            ("parameters", f"{summary['parameters']:,}"),
+            ("train + test time", f"{summary['train_seconds'] / 60:.1f} min"),
+            ("total demo time", f"{summary['total_seconds'] / 60:.1f} min")]
+    for name in TEST_SETS:
+        s = summary[name]
+        rows.append((f"{name} ({s['utterances']} utt.)",
+                     f"WER {s['WER']:.2f} %   CER {s['CER']:.2f} %"))
+    rows += [("file", summary["file"]), ("reference", summary["reference"]),
+             ("transcript", summary["transcript"])]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
+    body = "\n".join(f"{k:<{width}} | {v}" for k, v in rows)
+    return f"{line}\nConMamba CTC demo: summary\n{line}\n{body}\n{line}"
+
+
+def demo_file(args, test_rows):
+    """(path, reference transcript or '') of the file to transcribe."""
+    if args.file:
+        if not os.path.isfile(args.file):
+            raise DemoError(f"--file {args.file}: no such file")
+        return os.path.abspath(args.file), ""
+    row = test_rows[0]
+    return os.path.join(args.corpus, row["wav"]), row["wrd"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    out = os.path.abspath(args.output_folder)
+    rows = {split: read_rows(split, args.corpus) for split in SPLITS}
+    train_rows, test_rows = rows["train"], rows["test"]
+    wav, reference = demo_file(args, test_rows)
+    if os.path.isdir(out) and not args.resume:
+        shutil.rmtree(out)  # a demo trains from scratch
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # read by PyTorch in train_CTC.py
+        import torch
+
+        torch.set_num_threads(args.threads)  # for the transcription here
+    cmd = train_command(args, out)
+    print("Training:", " ".join(cmd), flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+        raise DemoError(f"train_CTC.py failed (log above; details in {out}/log.txt)")
+    train_seconds = time.time() - t0
+
+    with open(os.path.join(out, "hyperparams.yaml")) as f:
+        epochs = int(re.search(r"^number_of_epochs: (\d+)", f.read(), re.M).group(1))
+    transcript, params = transcribe(os.path.join(out, "inference"), wav, args.device)
+    n_train = QUICK_UTTERANCES["train"] if args.quick else len(train_rows)
+    summary = {
+        "device": args.device, "epochs": epochs, "train_utterances": n_train,
+        "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
+        "parameters": params, "train_seconds": train_seconds,
+        "file": os.path.relpath(wav, REPO), "reference": reference, "transcript": transcript,
+    }
+    for name in TEST_SETS:
+        wer, _, _ = read_error_rate(os.path.join(out, f"wer_{name}.txt"))
+        cer, _, _ = read_error_rate(os.path.join(out, f"cer_{name}.txt"))
+        n = QUICK_UTTERANCES[name] if args.quick else len(rows[name])
+        summary[name] = {"WER": wer, "CER": cer, "utterances": n}
+    summary["total_seconds"] = time.time() - start
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DemoError as e:
+        sys.exit(f"ERROR: {e}")

@@ -1,0 +1,337 @@
+"""Mamba (one direction) and BiMamba (bidirectional "v2") mixers, with padding and recurrent caches.
+
+Parameter names, shapes and initialisation follow mamba-ssm's ``Mamba`` and the official ConMamba
+bidirectional block, so their checkpoints load with ``strict=True``. Differences from the official
+code, by design: padded frames never influence valid ones (the backward direction starts at each
+sequence's true end) and outputs at padded frames are zero.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scan import selective_scan, selective_scan_torch
+
+
+class MambaCache:
+    """Recurrent state of one ``Mamba`` block.
+
+    conv_state: (batch, d_inner, d_conv), the last d_conv inputs of the depthwise conv, newest last.
+    ssm_state: (batch, d_inner, d_state), float32 (float64 for float64 modules).
+    """
+
+    def __init__(self, conv_state, ssm_state):
+        self.conv_state = conv_state
+        self.ssm_state = ssm_state
+
+    def index_select(self, index):
+        """New cache with the batch entries ``index`` (beam search reordering)."""
+        return MambaCache(self.conv_state.index_select(0, index),
+                          self.ssm_state.index_select(0, index))
+
+    def clone(self):
+        return MambaCache(self.conv_state.clone(), self.ssm_state.clone())
+
+    def __repr__(self):
+        return (f"MambaCache(conv_state={tuple(self.conv_state.shape)}, "
+                f"ssm_state={tuple(self.ssm_state.shape)}, dtype={self.ssm_state.dtype})")
+
+
+def _lengths(pad_mask, x):
+    """pad_mask (B, L) bool, True at right padding -> lengths (B,) long."""
+    if pad_mask.shape != x.shape[:2] or pad_mask.dtype != torch.bool:
+        raise ValueError(
+            f"pad_mask must be a bool tensor of shape (batch, L) = {tuple(x.shape[:2])} "
+            f"(True at padded frames), got {pad_mask.dtype} {tuple(pad_mask.shape)}"
+        )
+    lengths = (~pad_mask).sum(1)
+    steps = torch.arange(x.shape[1], device=x.device)
+    if not torch.equal(pad_mask, steps[None, :] >= lengths[:, None]):
+        raise ValueError("pad_mask must mark right padding only (True after each sequence's end)")
+    return lengths
+
+
+def _reverse_valid(x, lengths):
+    """Reverse each sequence of x (B, L, C) within its valid length; padded frames stay in place."""
+    steps = torch.arange(x.shape[1], device=x.device)[None, :]
+    index = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+    return x.gather(1, index[:, :, None].expand_as(x))
+
+
+class Mamba(nn.Module):
+    """Mamba mixer (one direction), mamba-ssm's arguments and parameter names.
+
+    forward(x (B, L, d_model), pad_mask (B, L) bool or None, cache MambaCache or None)
+        -> (B, L, d_model)
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
+                 dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
+                 bias=False, layer_idx=None, device=None, dtype=None):
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
+        self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d, self.x_proj, self.dt_proj = self._direction_layers(conv_bias, factory)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, **factory))
+        self.D = nn.Parameter(torch.empty(self.d_inner, **factory))
+        self._add_backward_branch(conv_bias, factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        for p in self._no_weight_decay_params():
+            p._no_weight_decay = True
+        self.reset_parameters()
+
+    def _direction_layers(self, conv_bias, factory):
+        conv = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner,
+                         padding=self.d_conv - 1, bias=conv_bias, **factory)
+        x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        return conv, x_proj, dt_proj
+
+    def _add_backward_branch(self, conv_bias, factory):
+        """Hook for BiMamba (registered here so state_dict order matches the official one)."""
+
+    def _no_weight_decay_params(self):
+        return [self.A_log, self.D]
+
+    def _directions(self):
+        """(conv1d, x_proj, dt_proj, A_log, D) per direction."""
+        return [(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """(Re)apply mamba-ssm's initialisation to every parameter of the block."""
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        for conv, x_proj, dt_proj, A_log, D in self._directions():
+            conv.reset_parameters()
+            x_proj.reset_parameters()
+            std = self.dt_rank ** -0.5 * self.dt_scale
+            if self.dt_init == "constant":
+                nn.init.constant_(dt_proj.weight, std)
+            else:
+                nn.init.uniform_(dt_proj.weight, -std, std)
+            # dt ~ log-uniform in [dt_min, dt_max]; the bias is softplus^-1(dt).
+            log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner) * (log_max - log_min) + log_min)
+            dt = dt.clamp(min=self.dt_init_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            dt_proj.bias._no_reinit = True
+            # S4D-real: A[d, n] = -(n + 1)
+            A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32))
+                        .expand(self.d_inner, -1))
+            D.fill_(1.0)
+
+    # ---- shared pieces -------------------------------------------------------------------------
+
+    def _causal_conv(self, x, conv, cache=None, lengths=None):
+        """Depthwise causal conv + SiLU in (B, L, d_inner) layout (the scan reads this layout
+        fastest), as shifted multiply-adds. With a cache the left context comes from
+        cache.conv_state, which is then set to the inputs ending at each sequence's last valid
+        frame.
+        """
+        k = self.d_conv
+        length = x.shape[1]
+        if cache is None:
+            history = F.pad(x, (0, 0, k - 1, 0))  # (B, k-1+L, d)
+        else:
+            past = torch.cat([cache.conv_state.transpose(1, 2).to(x.dtype), x], dim=1)  # (B,k+L,d)
+            ends = (torch.full((x.shape[0],), length, device=x.device) if lengths is None
+                    else lengths)
+            keep = ends[:, None] + torch.arange(k, device=x.device)[None, :]
+            index = keep[:, :, None].expand(-1, -1, self.d_inner)
+            # the cache carries state, not gradients
+            cache.conv_state.copy_(past.detach().gather(1, index).transpose(1, 2))
+            history = past[:, 1:]
+        weight = conv.weight[:, 0, :]  # (d, k); out_t = sum_j weight[:, j] * x_{t-k+1+j}
+        y = history[:, :length] * weight[:, 0]
+        for j in range(1, k):
+            y = y.addcmul_(history[:, j:j + length], weight[:, j])
+        if conv.bias is not None:
+            y = y.add_(conv.bias)
+        return F.silu(y)
+
+    def _ssm(self, xz, direction, lengths=None, cache=None):
+        """One direction of the mixer before out_proj.
+
+        xz: (B, L, 2*d_inner) output of in_proj (time in this direction's order).
+        lengths: (B,) valid lengths (right padding) or None. cache: MambaCache updated in place.
+        Returns y (B, L, d_inner) = (scan(conv(x)) + D x) * silu(z).
+        """
+        conv, x_proj, dt_proj, A_log, D = direction
+        x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
+        x = self._causal_conv(x, conv, cache, lengths)
+        dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ dt_proj.weight.t()  # (B, L, d_inner); the bias is added in the scan
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # state precision
+        A = -torch.exp(A_log.to(ct))
+        # The scan takes (B, d, L) tensors: transposed views, no copies.
+        u, delta, z, B, C = (t.transpose(1, 2) for t in (x, delta, z, B, C))
+        if cache is None:
+            y = selective_scan(u, delta, A, B, C, D.to(ct), z=z,
+                               delta_bias=dt_proj.bias.to(ct), delta_softplus=True)
+            return y.transpose(1, 2)
+        # Streaming: continue from the cached state; delta = 0 on padding keeps the state frozen.
+        delta = F.softplus(delta.to(ct) + dt_proj.bias.to(ct)[:, None])
+        if lengths is not None:
+            valid = torch.arange(delta.shape[2], device=delta.device)[None, :] < lengths[:, None]
+            delta = delta * valid[:, None, :]
+        y, last = selective_scan_torch(u, delta, A, B, C, D.to(ct), z=z, return_last_state=True,
+                                       initial_state=cache.ssm_state)
+        cache.ssm_state.copy_(last)  # last is non-differentiable
+        return y.transpose(1, 2)
+
+    def _check_input(self, x):
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (batch, L, d_model={self.d_model}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def forward(self, x, pad_mask=None, cache=None):
+        """x: (B, L, d_model); pad_mask: (B, L) bool, True at (right) padding; cache: MambaCache.
+
+        With a cache the sequence continues from the cached state, and the cache is updated in
+        place to the state after each sequence's last valid frame. Returns (B, L, d_model), zero at
+        padded frames.
+        """
+        self._check_input(x)
+        lengths = None if pad_mask is None else _lengths(pad_mask, x)
+        if pad_mask is not None:  # causal: padding cannot reach valid frames; this also keeps
+            x = x.masked_fill(pad_mask[:, :, None], 0.0)  # non-finite junk out of the gradients
+        if cache is not None:
+            self._check_cache(cache, x.shape[0])
+        y = self._ssm(self.in_proj(x), self._directions()[0], lengths, cache)
+        return self._output(y, pad_mask)
+
+    def _output(self, y, pad_mask):
+        out = self.out_proj(y)
+        if pad_mask is not None:
+            out = out.masked_fill(pad_mask[:, :, None], 0.0)
+        return out
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """Zero state: conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state)."""
+        weight = self.in_proj.weight
+        device = weight.device if device is None else device
+        state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        conv_dtype = state_dtype if dtype is None else dtype
+        return MambaCache(
+            torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype),
+            torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+        )
+
+    def _check_cache(self, cache, batch):
+        want_conv = (batch, self.d_inner, self.d_conv)
+        want_ssm = (batch, self.d_inner, self.d_state)
+        if tuple(cache.conv_state.shape) != want_conv or tuple(cache.ssm_state.shape) != want_ssm:
+            raise ValueError(
+                f"cache holds conv_state {tuple(cache.conv_state.shape)} and ssm_state "
+                f"{tuple(cache.ssm_state.shape)}, expected {want_conv} and {want_ssm}: "
+                f"use allocate_inference_cache(batch_size={batch})"
+            )
+
+    def step(self, x, cache):
+        """One token: x (B, 1, d_model) -> (B, 1, d_model); updates cache in place."""
+        self._check_input(x)
+        if x.shape[1] != 1:
+            raise ValueError(
+                f"step() takes one token, x of shape (B, 1, d_model); got {tuple(x.shape)}")
+        self._check_cache(cache, x.shape[0])
+        x_in, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, d_inner)
+        conv_state = cache.conv_state
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x_in.detach()  # the cache carries state, not gradients
+        # clones: the cache changes in place at the next step, autograd must not see that
+        xc = (conv_state[:, :, :-1].clone() * self.conv1d.weight[:, 0, :-1]).sum(-1)
+        xc = xc + x_in * self.conv1d.weight[:, 0, -1]
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        xc = F.silu(xc).to(x_in.dtype)
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        st = cache.ssm_state.dtype
+        dt = F.softplus(self.dt_proj(dt).to(st))  # (B, d_inner)
+        A = -torch.exp(self.A_log.to(st))
+        h = (cache.ssm_state.clone() * torch.exp(dt[:, :, None] * A)
+             + (dt * xc.to(st))[:, :, None] * B.to(st)[:, None, :])
+        cache.ssm_state.copy_(h.detach())
+        y = (h * C.to(st)[:, None, :]).sum(-1) + self.D.to(st) * xc.to(st)
+        y = y * F.silu(z.to(st))
+        return self.out_proj(y.to(x.dtype))[:, None, :]
+
+
+class BiMamba(Mamba):
+    """Bidirectional Mamba "v2" (ConMamba): shared in_proj/out_proj, a second conv1d_b, x_proj_b,
+    dt_proj_b, A_b_log, D_b for the backward direction;
+    out = out_proj(0.5 * y_fwd + 0.5 * reverse(y_bwd)), where the backward direction runs over each
+    sequence reversed within its valid length.
+
+    forward(x (B, L, d_model), pad_mask (B, L) bool or None) -> (B, L, d_model)
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
+                 dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
+                 bias=False, layer_idx=None, device=None, dtype=None, bimamba_type="v2"):
+        if bimamba_type != "v2":
+            raise ValueError(f"BiMamba implements bimamba_type='v2' only, got {bimamba_type!r}")
+        self.bimamba_type = bimamba_type
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init,
+                         dt_scale, dt_init_floor, conv_bias, bias, layer_idx, device, dtype)
+
+    def _add_backward_branch(self, conv_bias, factory):
+        self.A_b_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, **factory))
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._direction_layers(conv_bias, factory)
+        self.D_b = nn.Parameter(torch.empty(self.d_inner, **factory))
+
+    def _no_weight_decay_params(self):
+        return [self.A_log, self.D, self.A_b_log, self.D_b]
+
+    def _directions(self):
+        return super()._directions() + [
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)]
+
+    def forward(self, x, pad_mask=None, cache=None):
+        if cache is not None:
+            raise NotImplementedError(
+                "BiMamba looks at the whole sequence; it has no recurrent mode")
+        self._check_input(x)
+        forward_dir, backward_dir = self._directions()
+        if pad_mask is None:
+            xz = self.in_proj(x)
+            y_f = self._ssm(xz, forward_dir)
+            y_b = self._ssm(xz.flip(1), backward_dir).flip(1)
+        else:
+            lengths = _lengths(pad_mask, x)
+            # keeps non-finite junk in the padding out of the gradients
+            xz = self.in_proj(x.masked_fill(pad_mask[:, :, None], 0.0))
+            y_f = self._ssm(xz, forward_dir, lengths)
+            y_b = self._ssm(_reverse_valid(xz, lengths), backward_dir, lengths)
+            y_b = _reverse_valid(y_b, lengths)
+        return self._output(0.5 * y_f + 0.5 * y_b, pad_mask)
+
+    def allocate_inference_cache(self, *args, **kwargs):
+        raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")
+
+    def step(self, x, cache):
+        raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")
+
+
+def reset_mamba_parameters(module):
+    """Re-apply Mamba initialisation to every Mamba/BiMamba inside ``module`` (e.g. after a
+    model-wide xavier re-init). Returns the number of blocks reset."""
+    blocks = [m for m in module.modules() if isinstance(m, Mamba)]
+    for block in blocks:
+        block.reset_parameters()
+    return len(blocks)

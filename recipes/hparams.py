@@ -1,0 +1,122 @@
+"""Loading a recipe YAML: command-line overrides routed into its included common file, device
+presets, and one flat hparams dict for the Brain.
+
+A recipe file (hparams/CTC/*.yaml, hparams/S2S/*.yaml) holds the model sizes as top-level keys
+and includes the shared training file under one key (``recipe: !include:../common/S2S.yaml``),
+passing the sizes into it. ``--key value`` overrides go to the top level when the key is there,
+otherwise into the included file; unknown keys are an error (no silent typos).
+"""
+
+import difflib
+import os
+from io import StringIO
+
+import ruamel.yaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+
+from recipes import RecipeError
+from recipes.device import PRESETS
+
+
+def _read_tree(path):
+    with open(path) as f:
+        return ruamel.yaml.YAML().load(f) or {}
+
+
+def _include_key(tree):
+    """(key, included file name) of the top-level ``!include:`` node, or (None, None)."""
+    for key, node in tree.items():
+        tag = getattr(getattr(node, "tag", None), "value", None) or ""
+        if tag.startswith("!include:"):
+            return key, tag[len("!include:"):]
+    return None, None
+
+
+def parse_overrides(overrides):
+    """Overrides as a dict; accepts None, a dict or the YAML string of sb.parse_arguments."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, str):
+        return dict(ruamel.yaml.YAML().load(overrides) or {})
+    return dict(overrides)
+
+
+def route_overrides(path, overrides, free_keys=()):
+    """Returns the overrides nested for ``path``: keys of the included file go under its key.
+
+    Keys in ``free_keys`` that neither file defines go to the top level; any other unknown key
+    raises RecipeError naming it and the closest known ones.
+    """
+    tree = _read_tree(path)
+    inc_key, inc_file = _include_key(tree)
+    inner = {}
+    if inc_key is not None:
+        inner = _read_tree(os.path.join(os.path.dirname(os.path.abspath(path)), inc_file))
+    routed, nested = {}, {}
+    for key, value in parse_overrides(overrides).items():
+        if key in inner and key not in tree:
+            nested[key] = value
+        elif (key in tree and key != inc_key) or key in free_keys:
+            routed[key] = value
+        else:
+            known = [k for k in dict.fromkeys([*tree, *inner]) if not str(k).startswith("__")]
+            close = difflib.get_close_matches(str(key), known, n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise RecipeError(f"Unknown hyperparameter '{key}' for {path} (not in the file nor in "
+                           f"its included {inc_file or 'file'}).{hint}")
+    if nested:
+        routed[inc_key] = nested
+    return routed, inc_key
+
+
+def flatten(hparams, inc_key):
+    """Merges the included file's dict into the top level (top-level keys win); drops '__' keys."""
+    flat = dict(hparams[inc_key]) if inc_key in hparams else {}
+    flat.update({k: v for k, v in hparams.items() if k != inc_key})
+    return {k: v for k, v in flat.items() if not str(k).startswith("__")}
+
+
+def preview(path, routed, inc_key):
+    """The recipe with references resolved but no object built: a flat dict of plain values."""
+    with open(path) as f:
+        text = resolve_references(f, routed).getvalue()
+    return flatten(ruamel.yaml.YAML().load(StringIO(text)) or {}, inc_key)
+
+
+def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
+    """Loads a recipe for ``device``.
+
+    Arguments
+    ---------
+    path : str, recipe YAML.
+    overrides : dict or YAML string of ``--key value`` pairs.
+    device : str, the resolved device (cuda[:i] | mps | cpu).
+    cli_settings : dict of preset keys given as SpeechBrain run options on the command line
+        (precision, grad_accumulation_factor) -> value.
+
+    Returns
+    -------
+    hparams : flat dict of built objects and values (hparams["model"] is the trainable model).
+    routed : the overrides as applied (nested), for saving the resolved YAML.
+    settings : {key: (value, source)} for the device-dependent keys.
+    """
+    cli_settings = dict(cli_settings or {})
+    user = parse_overrides(overrides)
+    routed, inc_key = route_overrides(path, user)
+    seen = preview(path, routed, inc_key)
+    kind = device.split(":")[0]
+    settings = {}
+    for key, preset in PRESETS[kind].items():
+        if key in cli_settings:
+            settings[key] = (cli_settings[key], "command line")
+        elif key in user:
+            settings[key] = (user[key], "command line")
+        elif seen.get(key) is not None:
+            settings[key] = (seen[key], "yaml")
+        else:
+            settings[key] = (preset, f"{kind} preset")
+    fill = {k: v for k, (v, src) in settings.items() if src != "yaml" and k not in user}
+    routed, inc_key = route_overrides(path, {**user, **fill}, free_keys=tuple(PRESETS[kind]))
+    with open(path) as f:
+        hparams = load_hyperpyyaml(f, routed, overrides_must_match=False)
+    return flatten(hparams, inc_key), routed, settings

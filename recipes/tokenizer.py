@@ -1,0 +1,107 @@
+"""Tokenizer (SentencePiece) and pretrained LM loading for the recipes."""
+
+import os
+
+import sentencepiece as spm
+
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.parameter_transfer import Pretrainer
+
+from recipes import RecipeError
+
+
+def train_tokenizer(hparams):
+    """Trains (or reloads, when already trained) SentencePiece on the train_csv transcripts.
+
+    Returns (processor, model file path). Raises RecipeError when the vocabulary does not fit
+    output_neurons (e.g. characters of another alphabet than LibriSpeech's).
+    """
+    try:
+        wrapper = SentencePiece(
+            model_dir=hparams["save_folder"],
+            vocab_size=hparams["output_neurons"],
+            annotation_train=hparams["train_csv"],
+            annotation_read="wrd",
+            model_type=hparams["token_type"],
+            character_coverage=hparams["character_coverage"],
+            bos_id=hparams["bos_index"],
+            eos_id=hparams["eos_index"],
+        )
+    except RuntimeError as e:  # SentencePiece's trainer errors, e.g. too little text
+        raise RecipeError(f"Could not train a {hparams['token_type']} tokenizer of "
+                          f"{hparams['output_neurons']} tokens on {hparams['train_csv']}: "
+                          f"{str(e).splitlines()[0]} (set --output_neurons accordingly)") from e
+    _check_vocab(wrapper.sp, hparams["output_neurons"], hparams["train_csv"])
+    return wrapper.sp, wrapper.prefix_model_file + ".model"
+
+
+def _check_vocab(sp, output_neurons, origin):
+    if sp.vocab_size() > output_neurons:
+        raise RecipeError(f"The tokenizer from {origin} has {sp.vocab_size()} tokens but the model "
+                         f"has output_neurons: {output_neurons}; pass --output_neurons "
+                         f"{sp.vocab_size()} (or more)")
+
+
+def decode_words(tokenizer, ids):
+    """Token ids -> list of words. Ids beyond the tokenizer's vocabulary (possible when
+    output_neurons exceeds it, e.g. characters of a small corpus) are dropped: they are never
+    targets."""
+    size = tokenizer.vocab_size()
+    return tokenizer.decode_ids([int(i) for i in ids if int(i) < size]).split(" ")
+
+
+def is_hub_id(path):
+    """True when ``path`` names a Hugging Face repository rather than a local folder."""
+    return not os.path.isdir(path)
+
+
+def load_pretrained(hparams, lm_model=None):
+    """Loads tokenizer.ckpt (and lm.ckpt into ``lm_model`` when given) from
+    pretrained_lm_tokenizer_path (Hugging Face id or local folder).
+
+    Returns (processor, tokenizer file path). Raises RecipeError with what to do when the
+    files cannot be fetched (no network, unknown id, missing files).
+    """
+    source = str(hparams["pretrained_lm_tokenizer_path"])
+    tokenizer = spm.SentencePieceProcessor()
+    loadables = {"tokenizer": tokenizer}
+    if lm_model is not None:
+        loadables["lm"] = lm_model
+    pretrainer = Pretrainer(
+        collect_in=hparams["save_folder"],
+        loadables=loadables,
+        paths={k: f"{source}/{k}.ckpt" for k in loadables},
+    )
+    try:
+        run_on_main(pretrainer.collect_files)
+        pretrainer.load_collected()
+    except Exception as e:  # hub/network/file errors come in many types
+        where = ("the Hugging Face hub is not reachable or has no such repository"
+                 if is_hub_id(source) else "the folder lacks " +
+                 " or ".join(f"{k}.ckpt" for k in loadables))
+        raise RecipeError(
+            f"Could not load {' and '.join(f'{k}.ckpt' for k in loadables)} from "
+            f"pretrained_lm_tokenizer_path={source!r}: {where} ({type(e).__name__}: {e}). "
+            "Use --pretrained_lm_tokenizer_path /local/folder (holding lm.ckpt and "
+            "tokenizer.ckpt), or --no_lm True to decode without LM and train the tokenizer on "
+            "your transcripts.") from e
+    _check_vocab(tokenizer, hparams["output_neurons"], source)
+    return tokenizer, os.path.join(hparams["save_folder"], "tokenizer.ckpt")
+
+
+def s2s_tokenizer(hparams, lm_model=None):
+    """S2S: tokenizer (+ LM weights into ``lm_model``) from the pretrained folder, or trained
+    on the transcripts when no_lm is True and no local tokenizer.ckpt is given."""
+    source = str(hparams["pretrained_lm_tokenizer_path"] or "")
+    if not hparams["no_lm"]:
+        tokenizer, path = load_pretrained(hparams, lm_model)
+    elif source and os.path.isfile(os.path.join(source, "tokenizer.ckpt")):
+        tokenizer, path = load_pretrained(hparams)
+    else:
+        tokenizer, path = train_tokenizer(hparams)
+    if tokenizer.vocab_size() != hparams["output_neurons"]:
+        raise RecipeError(f"The tokenizer has {tokenizer.vocab_size()} tokens but output_neurons "
+                          f"is {hparams['output_neurons']}: they must match for the attention "
+                          f"decoder; pass --output_neurons {tokenizer.vocab_size()}")
+    return tokenizer, path

@@ -1,0 +1,323 @@
+"""Transcription with an exported model folder (recipes.export: <output_folder>/inference).
+
+    from recipes.transcriber import Transcriber
+    asr = Transcriber.from_folder("results/CTC/demo/7775/inference", device="cpu")
+    asr.transcribe_files(["a.wav", "b.flac"])        # -> ["TRANSCRIPT A", "TRANSCRIPT B"]
+    asr.transcribe_waveform(wav, sample_rate=44100)  # wav (samples,) or 2-D with channels
+
+Decoding is SpeechBrain's: EncoderASR (CTC: greedy by default, prefix beam search with
+beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the exported LM).
+Any sample rate is resampled to the model's and channels are averaged. Audio longer than
+chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
+batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
+"""
+
+import difflib
+import functools
+import math
+import os
+import sys
+
+import soundfile
+import torch
+import torchaudio
+
+from recipes import RecipeError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # the exported YAML builds modules.TransformerASR
+    sys.path.insert(0, REPO_ROOT)
+
+
+class TranscriberError(RecipeError):
+    """A model folder or an audio file that cannot be used; the message says which and why."""
+
+
+def model_kind(model_dir):
+    """'CTC' or 'S2S' for an exported folder; raises TranscriberError when it is not one."""
+    hparams_file = os.path.join(model_dir, "hyperparams.yaml")
+    if not os.path.isdir(model_dir):
+        raise TranscriberError(f"Model folder {model_dir} does not exist; pass the inference "
+                               "folder a training run exported (<output_folder>/inference)")
+    if not os.path.isfile(hparams_file):
+        raise TranscriberError(f"{hparams_file} is missing: {model_dir} is not an exported model "
+                               "folder; pass <output_folder>/inference of a finished training run")
+    for name in ("model.ckpt", "normalizer.ckpt", "tokenizer.ckpt"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise TranscriberError(f"{os.path.join(model_dir, name)} is missing; re-export the "
+                                   "model (train_CTC.py / train_S2S.py --test_only)")
+    with open(hparams_file) as f:
+        text = f.read()
+    return "S2S" if "\ndecoder:" in text else "CTC"
+
+
+def check_audio(path):
+    """Cheap check (header only) that a file exists, decodes and has samples.
+
+    Returns its duration in seconds; raises TranscriberError naming the file otherwise.
+    """
+    if not os.path.isfile(path):
+        raise TranscriberError(f"Audio file {path} does not exist")
+    try:
+        info = soundfile.info(path)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise TranscriberError(f"Cannot decode audio file {path} ({e}); convert it to WAV or "
+                               f"FLAC, e.g. ffmpeg -i {path} out.wav") from e
+    if info.frames == 0:
+        raise TranscriberError(f"Audio file {path} is empty (0 samples); remove it from the list")
+    return info.frames / info.samplerate
+
+
+def read_audio(path):
+    """Reads a file as float32 (samples, channels) and its sample rate (errors: check_audio)."""
+    check_audio(path)
+    try:
+        audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise TranscriberError(f"Cannot decode audio file {path} ({e}); convert it to WAV or "
+                               f"FLAC, e.g. ffmpeg -i {path} out.wav") from e
+    if audio.shape[0] == 0:
+        raise TranscriberError(f"Audio file {path} is empty (0 samples); remove it from the list")
+    return torch.from_numpy(audio), sample_rate
+
+
+def to_mono(wav, sample_rate, target_rate):
+    """(samples,) or 2-D audio (channels = the smaller dimension) -> mono (samples,) at
+    target_rate."""
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    if wav.dim() == 2:
+        wav = wav.mean(dim=1 if wav.shape[1] <= wav.shape[0] else 0)
+    elif wav.dim() != 1:
+        raise TranscriberError(f"Expected audio of shape (samples,) or (samples, channels), "
+                               f"got {tuple(wav.shape)}")
+    if wav.numel() == 0:
+        raise TranscriberError("Empty waveform (0 samples)")
+    if sample_rate != target_rate:
+        wav = torchaudio.functional.resample(wav, int(sample_rate), int(target_rate))
+    return wav
+
+
+def chunk_bounds(n_samples, chunk_samples, overlap_samples):
+    """[(start, end)] sample ranges covering n_samples: one range when it fits in chunk_samples,
+    else the fewest equal chunks of at most chunk_samples overlapping by overlap_samples."""
+    if n_samples <= chunk_samples:
+        return [(0, n_samples)]
+    if not 0 <= overlap_samples < chunk_samples:
+        raise TranscriberError("overlap_seconds must be >= 0 and smaller than chunk_seconds")
+    count = math.ceil((n_samples - overlap_samples) / (chunk_samples - overlap_samples))
+    length = math.ceil((n_samples + (count - 1) * overlap_samples) / count)
+    step = length - overlap_samples
+    return [(i * step, min(i * step + length, n_samples)) for i in range(count)]
+
+
+def merge_words(left, right, left_overlap_words, right_overlap_words):
+    """Joins the words of two chunks that overlap in time.
+
+    The join is at the middle of the longest word run that both chunks transcribe in the overlap
+    (left's last and right's first ~overlap_words + 2 words); without a common word, each side
+    drops the words estimated to lie in its half of the overlap (half of *_overlap_words).
+    """
+    tail = max(0, len(left) - left_overlap_words - 2)
+    head = min(len(right), right_overlap_words + 2)
+    match = difflib.SequenceMatcher(None, left[tail:], right[:head], autojunk=False) \
+        .find_longest_match(0, len(left) - tail, 0, head)
+    if match.size:
+        cut = match.size // 2
+        return left[: tail + match.a + cut] + right[match.b + cut:]
+    return left[: len(left) - left_overlap_words // 2] + right[right_overlap_words // 2:]
+
+
+class Transcriber:
+    """Batched, chunked transcription around a SpeechBrain EncoderASR / EncoderDecoderASR.
+
+    Arguments
+    ---------
+    asr : speechbrain.inference.ASR.EncoderASR or EncoderDecoderASR (already configured).
+    kind : 'CTC' or 'S2S'.
+    chunk_seconds, overlap_seconds : long-audio split (see chunk_bounds).
+    batch_size : segments (files or chunks) decoded together.
+    """
+
+    GROUP_SECONDS = 600.0
+
+    def __init__(self, asr, kind, chunk_seconds=30.0, overlap_seconds=4.0, batch_size=4):
+        if chunk_seconds <= 0 or not 0 <= overlap_seconds < chunk_seconds:
+            raise TranscriberError(f"Need chunk_seconds > 0 and 0 <= overlap_seconds < "
+                                   f"chunk_seconds, got {chunk_seconds} and {overlap_seconds}")
+        if batch_size < 1:
+            raise TranscriberError(f"batch_size must be >= 1, got {batch_size}")
+        self.asr, self.kind = asr, kind
+        self.sample_rate = int(asr.hparams.sample_rate)
+        self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
+        self.batch_size = batch_size
+        self.last_chunks = []  # chunk (start, end) sample ranges of each file of the last call
+
+    @classmethod
+    def from_folder(cls, model_dir, device=None, beam_size=None, use_lm=None, ctc_weight=None,
+                    ctc_partial=False, savedir=None, **kwargs):
+        """Loads an exported folder (no network).
+
+        Arguments
+        ---------
+        model_dir : folder with hyperparams.yaml, model.ckpt, normalizer.ckpt, tokenizer.ckpt.
+        device : 'cpu' | 'cuda[:i]' | 'mps' | None (best available).
+        beam_size : CTC: None or 1 = greedy, N > 1 = prefix beam search of width N;
+            S2S: beam width (None = the exported test_beam_size).
+        use_lm : S2S only: None = use lm.ckpt when exported, False = no LM, True = require it.
+        ctc_weight : S2S only: weight of the CTC scorer (None = exported; 0 = attention only).
+        ctc_partial : S2S only: the CTC scorer rescores only the 2 * beam_size best tokens of
+            each step (SpeechBrain partial scorer) instead of the whole vocabulary: much faster
+            on CPU with large vocabularies; the exported recipe scores the whole vocabulary.
+        savedir : where SpeechBrain links the checkpoints (default: the model folder itself).
+        **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
+        """
+        from recipes.device import resolve_device
+        from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
+
+        model_dir = os.path.abspath(model_dir)
+        kind = model_kind(model_dir)
+        if kind == "CTC" and (use_lm or ctc_weight is not None or ctc_partial):
+            raise TranscriberError(f"{model_dir} holds a CTC model: the LM, ctc_weight and "
+                                   "ctc_partial options are for S2S models")
+        has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
+        if use_lm and not has_lm:
+            raise TranscriberError(f"No lm.ckpt in {model_dir}: this model was exported without "
+                                   "an LM; decode without it (use_lm=None or False)")
+        if beam_size is not None and beam_size < 1:
+            raise TranscriberError(f"beam_size must be >= 1, got {beam_size}")
+        device = resolve_device(device)
+        interface = EncoderASR if kind == "CTC" else EncoderDecoderASR
+        asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
+                                     run_opts={"device": device})
+        if kind == "CTC":
+            _configure_ctc(asr, beam_size)
+        else:
+            _configure_s2s(asr, beam_size, has_lm and use_lm is not False, ctc_weight,
+                           ctc_partial, device)
+        return cls(asr, kind, **kwargs)
+
+    def load_audio(self, path):
+        """Mono float32 (samples,) at the model's sample rate."""
+        audio, sample_rate = read_audio(path)
+        return to_mono(audio, sample_rate, self.sample_rate)
+
+    def transcribe_files(self, paths):
+        """Transcripts (upper-case words) of audio files, in order. Every file is checked
+        before any decoding; files are then read and decoded in groups of about
+        GROUP_SECONDS of audio, so memory does not grow with the number of files."""
+        durations = [check_audio(p) for p in paths]
+        texts, chunks, group, total = [], [], [], 0.0
+        for k, path in enumerate(paths):
+            group.append(self.load_audio(path))
+            total += durations[k]
+            if total >= self.GROUP_SECONDS or k == len(paths) - 1:
+                texts += self.transcribe_waveforms(group)
+                chunks += self.last_chunks
+                group, total = [], 0.0
+        self.last_chunks = chunks
+        return texts
+
+    def transcribe_waveform(self, wav, sample_rate):
+        """Transcript of one waveform: (samples,), or 2-D (channels = the smaller dimension)."""
+        return self.transcribe_waveforms([to_mono(wav, sample_rate, self.sample_rate)])[0]
+
+    def transcribe_waveforms(self, wavs):
+        """Transcripts of mono waveforms (samples,) already at the model's sample rate."""
+        chunk = int(round(self.chunk_seconds * self.sample_rate))
+        overlap = int(round(self.overlap_seconds * self.sample_rate))
+        self.last_chunks = [chunk_bounds(len(w), chunk, overlap) for w in wavs]
+        segments = [(i, j) for i, bounds in enumerate(self.last_chunks) for j in range(len(bounds))]
+        segments.sort(key=lambda s: -_length(self.last_chunks[s[0]][s[1]]))  # little padding
+        words = {}
+        for k in range(0, len(segments), self.batch_size):
+            batch = segments[k: k + self.batch_size]
+            pieces = [wavs[i][slice(*self.last_chunks[i][j])] for i, j in batch]
+            for seg, text in zip(batch, self._decode(pieces)):
+                words[seg] = text.split()
+        return [" ".join(self._merge(words, i, bounds))
+                for i, bounds in enumerate(self.last_chunks)]
+
+    def _merge(self, words, i, bounds):
+        """Words of file i from its chunks' words (words[(i, j)]), left to right."""
+        merged = words[(i, 0)]
+        for j in range(1, len(bounds)):
+            overlap = bounds[j - 1][1] - bounds[j][0]
+            prev, cur = words[(i, j - 1)], words[(i, j)]
+            merged = merge_words(merged, cur,
+                                 round(len(prev) * overlap / _length(bounds[j - 1])),
+                                 round(len(cur) * overlap / _length(bounds[j])))
+        return merged
+
+    @torch.inference_mode()
+    def _decode(self, pieces):
+        """Transcripts of a batch of mono waveforms.
+
+        The front end (features, normalisation, CNN) runs on each waveform alone and its
+        outputs are zero-padded: the encoders honour padding, so a CTC transcript does not depend
+        on the batch it is decoded in (S2S: max_decode_ratio caps every hypothesis at the
+        longest one's length). Then EncoderASR's decoding function / EncoderDecoderASR's searcher.
+        """
+        asr, front = self.asr, self.asr.mods.encoder
+        one = torch.ones(1, device=asr.device)
+        feats = [front.CNN(front.normalize(front.compute_features(p[None].to(asr.device)), one))
+                 for p in pieces]  # (1, T_i, 640)
+        lengths = torch.tensor([f.shape[1] for f in feats], device=asr.device)
+        x = feats[0].new_zeros(len(feats), int(lengths.max()), *feats[0].shape[2:])
+        for row, f in zip(x, feats):
+            row[: f.shape[1]] = f[0]
+        rel = lengths / lengths.max()
+        if self.kind == "S2S":
+            tokens, _, _, _ = asr.mods.decoder(asr.mods.transformer.encode(x, rel), rel)
+            return [asr.tokenizer.decode_ids(t) for t in tokens]
+        log_probs = front.log_softmax(front.ctc_lin(front.transformer_encoder(x, rel)))
+        hyps = asr.decoding_function(log_probs, rel)
+        if isinstance(asr.decoding_function, functools.partial):  # greedy: token ids
+            return [asr.tokenizer.decode_ids(h) for h in hyps]
+        return [h[0].text for h in hyps]  # CTCBeamSearcher: best hypothesis
+
+
+def _length(bounds):
+    return bounds[1] - bounds[0]
+
+
+def _configure_ctc(asr, beam_size):
+    """Greedy decoding (argmax per frame, no search) unless beam_size > 1."""
+    from speechbrain.decoders.ctc import ctc_greedy_decode
+
+    if beam_size is None or beam_size == 1:
+        asr.hparams.decoding_function = functools.partial(
+            ctc_greedy_decode, blank_id=asr.hparams.blank_index)
+    else:
+        asr.hparams.test_beam_search = {**asr.hparams.test_beam_search, "beam_size": beam_size}
+    delattr(asr, "decoding_function")  # the exported searcher is a registered child module
+    asr.set_decoding_function()
+
+
+def _configure_s2s(asr, beam_size, use_lm, ctc_weight, ctc_partial, device):
+    """Replaces the exported searcher by one with the requested beam, scorers and weights."""
+    from speechbrain.decoders.scorer import ScorerBuilder
+
+    hp = asr.hparams
+    ctc_weight = hp.ctc_weight_decode if ctc_weight is None else ctc_weight
+    if not 0 <= ctc_weight <= 1:
+        raise TranscriberError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    full, partial, weights = [], [], {}
+    if ctc_weight > 0:
+        (partial if ctc_partial else full).append(hp.ctc_scorer)
+        weights["ctc"] = ctc_weight
+    if use_lm:
+        full.append(hp.lm_scorer)
+        weights["transformerlm"] = hp.lm_weight
+    scorer = None
+    if weights:
+        scorer = ScorerBuilder(full_scorers=full, partial_scorers=partial, weights=weights,
+                               scorer_beam_scale=2)
+    old = asr.mods.decoder
+    asr.mods.decoder = type(old)(
+        modules=[hp.Transformer, hp.seq_lin], bos_index=hp.bos_index, eos_index=hp.eos_index,
+        min_decode_ratio=hp.min_decode_ratio, max_decode_ratio=hp.max_decode_ratio,
+        beam_size=beam_size or hp.test_beam_size, temperature=hp.temperature,
+        using_eos_threshold=old.using_eos_threshold,
+        length_normalization=old.length_normalization,
+        scorer=scorer,
+    ).to(device).eval()

@@ -1,0 +1,70 @@
+"""demo.py: the `make demo` entry point trains, tests, exports and transcribes end to end
+(--quick: tiny model and subset, ~20-40 s on 2 cores), and its helpers parse/report correctly."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+import demo
+
+REPO = demo.REPO
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "demo.py", "--quick", "--threads", "1", "--output-folder", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("ConMamba CTC demo: summary"):]
+    for name, n in (("test", demo.QUICK_UTTERANCES["test"]), ("real", demo.QUICK_UTTERANCES["real"])):
+        assert f"{name} ({n} utt.)" in table
+    assert table.count("WER ") == 2 and table.count("CER ") == 2
+    first_test = next(csv.DictReader(open(REPO + "/data/mini_corpus/test.csv")))
+    assert f"reference         | {first_test['wrd']}" in table
+    assert "transcript" in table
+
+    for name in ("wer_test", "cer_test", "wer_real", "cer_real"):
+        rate, errors, total = demo.read_error_rate(str(out / f"{name}.txt"))
+        assert total > 0 and 0 <= errors and rate == pytest.approx(100 * errors / total, abs=0.01)
+    for name in ("hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt"):
+        assert (out / "inference" / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["train_utterances"] == demo.QUICK_UTTERANCES["train"]
+    assert summary["parameters"] > 0 and summary["train_seconds"] > 0
+    assert summary["reference"] == first_test["wrd"]
+    assert summary["test"]["CER"] == demo.read_error_rate(str(out / "cer_test.txt"))[0]
+    assert f"WER {summary['real']['WER']:.2f} %" in table
+
+
+def test_read_error_rate(tmp_path):
+    path = tmp_path / "wer_x.txt"
+    path.write_text("%WER 12.50 [ 5 / 40, 1 ins, 2 del, 2 sub ]\n%SER 50.00 [ 1 / 2 ]\n")
+    assert demo.read_error_rate(str(path)) == (12.5, 5, 40)
+    path.write_text("no stats\n")
+    with pytest.raises(demo.DemoError, match="does not start with"):
+        demo.read_error_rate(str(path))
+    with pytest.raises(demo.DemoError, match="was not written"):
+        demo.read_error_rate(str(tmp_path / "missing.txt"))
+
+
+def test_write_subset_absolute_paths(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "test"):
+        (corpus / f"{split}.csv").write_text(
+            "ID,duration,wav,spk_id,wrd\n"
+            + "".join(f"{split}{i},1.0,audio/{split}{i}.ogg,s,WORD {i}\n" for i in range(5)))
+    paths = demo.write_subset(str(tmp_path / "sub"), {"train": 3, "test": 2}, str(corpus))
+    rows = list(csv.DictReader(open(paths["train"])))
+    assert [r["ID"] for r in rows] == ["train0", "train1", "train2"]
+    assert rows[0]["wav"] == str(corpus / "audio" / "train0.ogg")
+    assert len(list(csv.DictReader(open(paths["test"])))) == 2
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(demo.DemoError, match=r"train\.csv is missing: make it with"):
+        demo.main(["--corpus", str(tmp_path), "--output-folder", str(tmp_path / "out")])

@@ -1,0 +1,224 @@
+"""End-to-end runs of train_CTC.py / train_S2S.py (subprocesses, tiny configs, CPU).
+
+Data: a few rows of the bundled corpus (data/mini_corpus), else of ../shared/data/real_speech.
+"""
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import soundfile
+import torch
+
+from recipes import RecipeError
+from recipes.tokenizer import load_pretrained, s2s_tokenizer, train_tokenizer
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "data" / "mini_corpus"
+SHARED = REPO.parent / "shared" / "data" / "real_speech"
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(data_folder, train rows, valid rows, test rows): 8 / 4 / 4 short utterances."""
+    if (BUNDLED / "train.csv").is_file():
+        short = lambda split: sorted(_read(BUNDLED / f"{split}.csv"),  # noqa: E731
+                                     key=lambda r: float(r["duration"]))
+        return str(BUNDLED), short("train")[:8], short("valid")[:4], short("test")[:4]
+    if (SHARED / "real_speech.csv").is_file():
+        rows = _read(SHARED / "real_speech.csv")
+        return str(SHARED), rows[:8], rows[6:], rows[:4]
+    pytest.skip("no corpus: data/mini_corpus (bundled) or ../shared/data/real_speech")
+
+
+def run(script, yaml, out, data, *extra, launcher=(), env=None, check=True):
+    data_folder, train, valid, test = data
+    cmd = [*launcher, str(REPO / script), str(REPO / yaml), "--device", "cpu",
+           "--data_folder", data_folder, "--train_csv", train, "--valid_csv", valid,
+           "--test_csv", f"[{test}]", "--output_folder", str(out), "--num_workers", "0",
+           "--noprogressbar", *extra]
+    if not launcher:
+        cmd.insert(0, sys.executable)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def csvs(corpus, tmp_path_factory):
+    folder, train, valid, test = corpus
+    tmp = tmp_path_factory.mktemp("csv")
+    return folder, _write(tmp / "train.csv", train), _write(tmp / "valid.csv", valid), \
+        _write(tmp / "test.csv", test)
+
+
+@pytest.fixture(scope="module")
+def ctc_run(corpus, csvs, tmp_path_factory):
+    """CTC tiny: crash on an unreadable file in the last batch (after 2 intra-epoch
+    checkpoints), fix the file, rerun: resumes mid-epoch, tests, exports."""
+    folder, train, valid, test = corpus
+    tmp = tmp_path_factory.mktemp("ctc")
+    bad = tmp / "late.wav"
+    bad.write_bytes(b"RIFF....WAVE but not audio")
+    longest = max(float(r["duration"]) for r in train) + 1  # sorted last
+    rows = train + [{"ID": "late", "duration": f"{longest}", "wav": str(bad), "spk_id": "x",
+                     "wrd": train[0]["wrd"]}]
+    data = (folder, _write(tmp / "train.csv", rows), csvs[2], csvs[3])
+    out = tmp / "out"
+    opts = ["--sorting", "ascending", "--batch_size", "4", "--ckpt_interval_steps", "1",
+            "--ckpt_interval_minutes", "0"]
+    crash = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts, check=False)
+    intra = [p for p in (out / "save").glob("CKPT*")
+             if "brain_intra_epoch_ckpt" in (p / "CKPT.yaml").read_text()]
+    first = os.path.join(folder, rows[0]["wav"])  # (an absolute wav path stays as it is)
+    audio, sr = soundfile.read(first)
+    soundfile.write(str(bad), audio, sr)  # "fix" the file
+    resumed = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts)
+    more = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts,
+               "--number_of_epochs", "2")
+    return dict(out=out, crash=crash, intra=intra, resumed=resumed, more=more, wav=first)
+
+
+def test_bad_audio_stops_with_its_name(ctc_run):
+    crash = ctc_run["crash"]
+    assert crash.returncode == 1
+    assert "ERROR: Cannot read audio" in crash.stderr and "late.wav (ID late)" in crash.stderr
+    assert "Traceback" not in crash.stderr.split("ERROR:")[-1]
+
+
+def test_intra_epoch_checkpoint_and_resume(ctc_run):
+    assert len(ctc_run["intra"]) == 1  # saved before the crash (the newest one is kept)
+    log = ctc_run["resumed"].stderr + ctc_run["resumed"].stdout
+    assert f"Loading a checkpoint from {ctc_run['intra'][0]}" in log
+    epoch1 = [line for line in (ctc_run["out"] / "train_log.txt").read_text().splitlines()
+              if line.startswith("epoch: 1,")]
+    assert len(epoch1) == 1 and "steps: 3" in epoch1[0]  # 2 steps before the crash + 1 after
+
+
+def test_rerun_with_more_epochs_continues(ctc_run):
+    log = ctc_run["more"].stdout + ctc_run["more"].stderr
+    assert "Going into epoch 2" in log and "Going into epoch 1" not in log
+    lines = (ctc_run["out"] / "train_log.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines if line.startswith("epoch")] == \
+        ["epoch: 1", "epoch: 2"]
+
+
+def test_outputs_and_settings(ctc_run):
+    out = ctc_run["out"]
+    assert "%WER" in (out / "wer_test.txt").read_text()
+    assert "%WER" in (out / "cer_test.txt").read_text()  # CER: ErrorRateStats over characters
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    stdout = ctc_run["resumed"].stdout
+    assert "device cpu" in stdout and "precision: fp32 (cpu preset)" in stdout
+    assert "batch_size: 4 (command line)" in stdout and "dynamic_batching: False" in stdout
+    assert "Mamba selective scan: pure-PyTorch scan" in stdout
+
+
+def test_exported_ctc_model_transcribes(ctc_run, tmp_path):
+    from speechbrain.inference.ASR import EncoderASR
+
+    folder = ctc_run["out"] / "inference"
+    asr = EncoderASR.from_hparams(source=str(folder), savedir=str(tmp_path / "cache"))
+    text = asr.transcribe_file(ctc_run["wav"])
+    assert isinstance(text, str)
+    assert set(text) <= set(" ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
+    exported = torch.load(folder / "model.ckpt")
+    loaded = asr.hparams.model.state_dict()
+    assert all(torch.equal(exported[k], loaded[k]) for k in exported)
+
+
+@pytest.fixture(scope="module")
+def s2s_run(csvs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s2s") / "out"
+    return out, run("train_S2S.py", "hparams/S2S/tiny.yaml", out, csvs, "--batch_size", "4",
+                    "--output_neurons", "30")  # 8 short sentences support few unigram pieces
+
+
+def test_s2s_trains_tests_and_exports(s2s_run, csvs, tmp_path):
+    from speechbrain.inference.ASR import EncoderDecoderASR
+
+    out, proc = s2s_run
+    assert "%WER" in (out / "wer_no_lm_test.txt").read_text()
+    assert list((out / "save").glob("CKPT*"))
+    assert "valid ACC" in (out / "train_log.txt").read_text()
+    asr = EncoderDecoderASR.from_hparams(source=str(out / "inference"),
+                                         savedir=str(tmp_path / "cache"))
+    wav = _read(csvs[1])[0]["wav"]
+    wav = wav if os.path.isabs(wav) else os.path.join(csvs[0], wav)
+    assert isinstance(asr.transcribe_file(wav), str)
+    assert type(asr.mods.decoder).__name__ == "S2SMambaBeamSearcher"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes(csvs, tmp_path):
+    out = tmp_path / "out"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    run("train_CTC.py", "hparams/CTC/tiny.yaml", out, csvs, "--batch_size", "4",
+        launcher=[torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())])
+    epoch1 = (out / "train_log.txt").read_text().splitlines()[0]
+    assert "steps: 1" in epoch1  # 8 utterances / 2 processes / batch 4 (one process: 2 steps)
+    assert (out / "wer_test.txt").is_file() and (out / "inference" / "model.ckpt").is_file()
+
+
+def test_unreachable_hub_gives_one_clear_error(csvs, tmp_path):
+    proc = run("train_S2S.py", "hparams/S2S/tiny.yaml", tmp_path / "out", csvs, "--no_lm", "False",
+               "--pretrained_lm_tokenizer_path",
+               "speechbrain/asr-transformer-transformerlm-librispeech",
+               env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.split("ERROR: ")[-1]
+    assert error.startswith("Could not load") and "--no_lm True" in error
+    assert "local" in error and "Traceback" not in error
+
+
+def test_tokenizer_from_local_folder(s2s_run, tmp_path):
+    """no_lm with a local folder holding tokenizer.ckpt: loaded, not trained; a folder without
+    lm.ckpt gives the clear error when an LM is requested."""
+    out, _ = s2s_run
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    shutil.copy(out / "inference" / "tokenizer.ckpt", folder / "tokenizer.ckpt")
+    hp = {"no_lm": True, "pretrained_lm_tokenizer_path": str(folder),
+          "save_folder": str(tmp_path / "save"), "output_neurons": 30}
+    tokenizer, path = s2s_tokenizer(hp)
+    reference = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.ckpt"))
+    assert tokenizer.encode_as_ids("HELLO") == reference.encode_as_ids("HELLO")
+    assert not list((tmp_path / "save").glob("*_unigram.model"))
+    with pytest.raises(RecipeError, match="folder lacks tokenizer.ckpt or lm.ckpt"):
+        load_pretrained(hp, lm_model=torch.nn.Linear(1, 1))
+
+
+def test_tokenizer_too_large_for_the_text_is_a_clear_error(csvs, tmp_path):
+    hp = {"save_folder": str(tmp_path), "output_neurons": 5000, "train_csv": csvs[1],
+          "token_type": "unigram", "character_coverage": 1.0, "bos_index": 1, "eos_index": 2}
+    with pytest.raises(RecipeError, match="unigram tokenizer of 5000 tokens.*--output_neurons"):
+        train_tokenizer(hp)

@@ -1,0 +1,231 @@
+"""The fast pure-PyTorch selective scan against the sequential reference, and backend selection."""
+
+import pytest
+import torch
+
+import modules.mamba.scan as ss
+from modules.mamba import selective_scan, selective_scan_ref, selective_scan_torch
+
+ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(batch, d_inner, d_state, length, dtype=torch.float64, seed=0):
+    """Random inputs in the ranges a trained Mamba block sees."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    A = -torch.arange(1, d_state + 1, dtype=torch.float64).expand(d_inner, -1)
+    A = A * torch.exp(0.3 * randn(d_inner, d_state))
+    inputs = {
+        "u": randn(batch, d_inner, length),
+        "delta": 0.5 * randn(batch, d_inner, length),
+        "A": A,
+        "B": randn(batch, d_state, length),
+        "C": randn(batch, d_state, length),
+        "D": 1 + 0.1 * randn(d_inner),
+        "z": randn(batch, d_inner, length),
+        # inverse softplus of dt in [0.001, 0.1]
+        "delta_bias": -2.3 - 4.5 * torch.rand(d_inner, generator=g, dtype=torch.float64),
+    }
+    return {k: v.to(dtype) for k, v in inputs.items()}
+
+
+def run_scan(fn, inputs, grad_out, use, softplus, **kwargs):
+    """Output, last state and the gradient of every used input."""
+    args = {k: (v.detach().clone().requires_grad_(True) if k in use else None)
+            for k, v in inputs.items()}
+    out, last = fn(*(args[k] for k in ARG_NAMES), delta_softplus=softplus,
+                   return_last_state=True, **kwargs)
+    (out * grad_out).sum().backward()
+    return {"out": out, "last": last,
+            **{f"d{k}": args[k].grad for k in ARG_NAMES if k in use}}
+
+
+def rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+OPTION_SETS = [  # (optional inputs used, softplus)
+    (("D", "z", "delta_bias"), True),
+    ((), False),
+    (("D",), True),
+    (("z",), False),
+    (("delta_bias",), True),
+]
+SHAPES = [(2, 4, 3, 1), (2, 8, 4, 37), (3, 16, 8, 70)]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # A few time steps per block, so the block boundaries, a partial last block and the
+    # recomputation from saved block-entry states are all exercised.
+    monkeypatch.setattr(ss, "BLOCK_FLOATS", 300)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("optional,softplus", OPTION_SETS)
+def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks):
+    use = ("u", "delta", "A", "B", "C") + optional
+    inputs64 = make_inputs(*shape)
+    if not softplus:  # delta is then used as the step size itself: keep it positive and small
+        inputs64["delta"] = torch.nn.functional.softplus(inputs64["delta"] - 3)
+    grad_out = torch.randn(shape[0], shape[1], shape[3], dtype=torch.float64)
+    truth = run_scan(selective_scan_ref, inputs64, grad_out, use, softplus)
+    assert ss._block_steps(shape[0], shape[2], shape[1], shape[3]) < max(2, shape[3])
+
+    fast64 = run_scan(selective_scan_torch, inputs64, grad_out, use, softplus)
+    inputs32 = {k: v.float() for k, v in inputs64.items()}
+    fast32 = run_scan(selective_scan_torch, inputs32, grad_out.float(), use, softplus)
+    ref32 = run_scan(selective_scan_ref, inputs32, grad_out.float(), use, softplus)
+    assert set(fast64) == set(truth) == {"out", "last"} | {f"d{k}" for k in use}
+    for name, ref in truth.items():
+        assert fast64[name].dtype == torch.float64
+        assert rel_err(fast64[name], ref) < 1e-12, name
+        assert fast32[name].dtype == torch.float32
+        assert rel_err(fast32[name], ref) < 1e-5, name
+        assert rel_err(fast32[name], ref32[name]) < 1e-5, name
+
+
+def test_default_block_size_and_long_sequence():
+    use = ARG_NAMES
+    assert ss._block_steps(4, 16, 128, 300) == 128  # 3 blocks, the last one partial
+    inputs = make_inputs(4, 128, 16, 300)
+    grad_out = torch.randn(4, 128, 300, dtype=torch.float64)
+    truth = run_scan(selective_scan_ref, inputs, grad_out, use, True)
+    fast32 = run_scan(selective_scan_torch, {k: v.float() for k, v in inputs.items()},
+                      grad_out.float(), use, True)
+    for name, ref in truth.items():
+        assert rel_err(fast32[name], ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("batch,d_inner,d_state,length", [
+    (8, 288, 16, 250), (32, 2048, 16, 1000), (64, 4096, 64, 3000), (1, 1024, 16, 3000)])
+def test_saved_block_states_stay_small(batch, d_inner, d_state, length):
+    """The backward keeps one state per block: at most ~2x the size of u, never B*D*L*N."""
+    steps = ss._block_steps(batch, d_state, d_inner, length)
+    saved = -(-length // steps) * batch * d_state * d_inner
+    assert saved <= 2 * batch * d_inner * length + batch * d_state * d_inner
+    bnd = batch * d_state * d_inner
+    assert steps * bnd <= max(ss.BLOCK_FLOATS, bnd * d_state)
+
+
+def test_empty_sequence():
+    inputs = make_inputs(2, 3, 4, 0, dtype=torch.float32)
+    out, last = selective_scan_torch(*(inputs[k] for k in ARG_NAMES), return_last_state=True)
+    assert out.shape == (2, 3, 0) and torch.equal(last, torch.zeros(2, 3, 4))
+
+
+def test_initial_state_continues_sequence(small_blocks):
+    inputs = make_inputs(2, 6, 4, 40)
+    full, last = selective_scan_torch(*(inputs[k] for k in ARG_NAMES), delta_softplus=True,
+                                      return_last_state=True)
+    head = {k: (v[..., :15] if v.dim() == 3 else v) for k, v in inputs.items()}
+    tail = {k: (v[..., 15:] if v.dim() == 3 else v) for k, v in inputs.items()}
+    out1, h = selective_scan_torch(*(head[k] for k in ARG_NAMES), delta_softplus=True,
+                                   return_last_state=True)
+    out2, last2 = selective_scan_torch(*(tail[k] for k in ARG_NAMES), delta_softplus=True,
+                                       return_last_state=True, initial_state=h)
+    torch.testing.assert_close(torch.cat([out1, out2], -1), full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(last2, last, rtol=0, atol=1e-12)
+
+
+def test_initial_state_gradient_matches_reference(small_blocks):
+    inputs = make_inputs(2, 5, 3, 23)
+    grads = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        h0 = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        h0.requires_grad_(True)
+        out = fn(*(inputs[k] for k in ARG_NAMES), delta_softplus=True, initial_state=h0)
+        out.pow(2).sum().backward()
+        grads.append(h0.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_tiny(small_blocks):
+    inputs = make_inputs(2, 3, 2, 7)
+    args = tuple(inputs[k].clone().requires_grad_(True) for k in ARG_NAMES)
+    h0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(*a):
+        return selective_scan_torch(*a[:8], delta_softplus=True, initial_state=a[8])
+
+    assert torch.autograd.gradcheck(fn, args + (h0,), eps=1e-6, atol=1e-7)
+
+
+def test_last_state_has_no_gradient_and_matches_reference():
+    inputs = make_inputs(2, 4, 3, 9, dtype=torch.float32)
+    u = inputs["u"].requires_grad_(True)
+    _, last = selective_scan_torch(u, inputs["delta"], inputs["A"], inputs["B"], inputs["C"],
+                                   return_last_state=True)
+    _, last_ref = selective_scan_ref(u, inputs["delta"], inputs["A"], inputs["B"], inputs["C"],
+                                     return_last_state=True)
+    assert last.shape == (2, 4, 3) and not last.requires_grad
+    torch.testing.assert_close(last, last_ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_autocast_keeps_float32_state():
+    inputs = make_inputs(2, 8, 4, 30, dtype=torch.float32)
+    low = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v)
+           for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, last = selective_scan(*(low[k] for k in ARG_NAMES), delta_softplus=True,
+                                   return_last_state=True, backend="torch")
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    ref = selective_scan_ref(*({k: v.float() for k, v in low.items()}[k] for k in ARG_NAMES),
+                             delta_softplus=True)
+    assert rel_err(out.float(), ref) < 1e-2  # bf16 rounding of the output only
+
+
+@pytest.mark.parametrize("backend", ["torch", "ref"])
+def test_backend_argument_and_env_var(backend, monkeypatch):
+    calls = []
+    for name in ("selective_scan_torch", "selective_scan_ref"):
+        real = getattr(ss, name)
+        spy = (lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(ss, name, spy)
+    inputs = make_inputs(1, 3, 2, 5, dtype=torch.float32)
+    args = [inputs[k] for k in ARG_NAMES]
+    want = f"selective_scan_{backend}"
+
+    selective_scan(*args, backend=backend)
+    monkeypatch.setenv("MAMBA_SCAN_BACKEND", backend)
+    selective_scan(*args)
+    other = "ref" if backend == "torch" else "torch"
+    selective_scan(*args, backend=other)  # the argument wins over the environment
+    assert calls == [want, want, f"selective_scan_{other}"]
+
+
+def test_backend_resolution_and_errors(monkeypatch):
+    monkeypatch.delenv("MAMBA_SCAN_BACKEND", raising=False)
+    u = torch.zeros(1, 2, 3)
+    assert ss.resolve_backend(None, u) == "torch"
+    assert ss.resolve_backend("AUTO", u) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA tensors.*backend='torch'"):
+        ss.resolve_backend("cuda", u)
+    with pytest.raises(ValueError, match="unknown backend 'triton'.*backend argument"):
+        ss.resolve_backend("triton", u)
+    monkeypatch.setenv("MAMBA_SCAN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'.*MAMBA_SCAN_BACKEND"):
+        ss.resolve_backend(None, u)
+    monkeypatch.setenv("MAMBA_SCAN_BACKEND", "cuda")
+    inputs = make_inputs(1, 2, 2, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        selective_scan(*(inputs[k] for k in ARG_NAMES))
+
+
+@pytest.mark.parametrize("name,bad_shape,pattern", [
+    ("delta", (2, 4, 9), r"delta must have shape \(2, 4, 10\)"),
+    ("B", (2, 4, 10), r"B must have shape \(2, 3, 10\)"),
+    ("C", (2, 3, 9), r"C must have shape \(2, 3, 10\)"),
+    ("D", (3,), r"D must have shape \(4,\)"),
+    ("z", (1, 4, 10), r"z must have shape \(2, 4, 10\)"),
+    ("delta_bias", (4, 1), r"delta_bias must have shape \(4,\)"),
+    ("A", (3, 3), r"A must be \(d_inner=4, d_state\)"),
+    ("u", (2, 4), r"u must be \(batch, d_inner, L\)"),
+])
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_ref, selective_scan_torch])
+def test_wrong_shapes_give_clear_errors(fn, name, bad_shape, pattern):
+    inputs = make_inputs(2, 4, 3, 10, dtype=torch.float32)
+    inputs[name] = torch.zeros(bad_shape)
+    with pytest.raises(ValueError, match=pattern):
+        fn(*(inputs[k] for k in ARG_NAMES))

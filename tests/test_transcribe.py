@@ -1,0 +1,258 @@
+"""recipes.transcriber (Python API) and transcribe.py (CLI) on tiny exported models.
+
+The models are the tiny CTC / S2S recipes with random weights, exported once per module by
+benchmarks/bench_rtf.export_untrained (seconds; training them would not make the assertions
+stronger: a briefly trained tiny model mostly emits blanks). Random models react to tiny input
+changes, so transcripts are compared only where the inputs are meant to be identical; resampling
+is checked on the waveform.
+"""
+
+import csv
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import soundfile
+import torch
+import torchaudio
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(REPO, "data", "mini_corpus")
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from bench_rtf import export_untrained  # noqa: E402
+from recipes.transcriber import (  # noqa: E402
+    Transcriber, TranscriberError, chunk_bounds, merge_words)
+import transcribe  # noqa: E402
+
+SR = 16000
+
+
+def _corpus_files(count=3):
+    """The first `count` existing audio files of the bundled corpus (test set, then real
+    recordings), else of ../shared/data/real_speech (development machines)."""
+    files = []
+    for csv_path, root in [(os.path.join(CORPUS, "test.csv"), CORPUS),
+                           (os.path.join(CORPUS, "real.csv"), CORPUS),
+                           (os.path.join(REPO, "..", "shared", "data", "real_speech",
+                                         "real_speech.csv"),
+                            os.path.join(REPO, "..", "shared", "data", "real_speech"))]:
+        if os.path.isfile(csv_path):
+            with open(csv_path, newline="") as f:
+                files += [p for p in (os.path.join(root, row["wav"]) for row in csv.DictReader(f))
+                          if os.path.isfile(p)]
+    return files[:count]
+
+
+@pytest.fixture(scope="module")
+def audio_files():
+    files = _corpus_files()
+    if len(files) < 3:
+        pytest.skip("no audio: the bundled corpus data/mini_corpus is missing")
+    return files
+
+
+@pytest.fixture(scope="module")
+def ctc_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_ctc")
+    return export_untrained(os.path.join(REPO, "hparams/CTC/tiny.yaml"), "CTC", str(folder),
+                            n_sentences=2000)
+
+
+@pytest.fixture(scope="module")
+def s2s_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_s2s")
+    return export_untrained(os.path.join(REPO, "hparams/S2S/tiny.yaml"), "S2S", str(folder),
+                            n_sentences=2000)
+
+
+@pytest.fixture(scope="module")
+def ctc(ctc_dir):
+    return Transcriber.from_folder(ctc_dir, device="cpu")
+
+
+def _write(path, wav, sample_rate):
+    """wav: (samples,) or (samples, channels) tensor; float WAV keeps the values exactly."""
+    soundfile.write(str(path), wav.numpy(), sample_rate, subtype="FLOAT")
+    return str(path)
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+def test_chunk_bounds():
+    assert chunk_bounds(40, 40, 10) == [(0, 40)]
+    assert chunk_bounds(100, 40, 10) == [(0, 40), (30, 70), (60, 100)]
+    for n in (41, 99, 1001, 9600):
+        bounds = chunk_bounds(n, 160, 32)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(end - start <= 160 for start, end in bounds)
+        assert all(a[1] - b[0] == 32 for a, b in zip(bounds, bounds[1:]))
+        assert len(chunk_bounds(n, 160, 32)) == -(-(n - 32) // (160 - 32))  # fewest chunks
+
+
+def test_merge_words():
+    split = str.split
+    # common run "D E" in the overlap: joined at its middle, nothing doubled
+    assert merge_words(split("A B C D E"), split("D E F G"), 2, 2) == split("A B C D E F G")
+    # the chunks disagree on one overlap word: the common "D" anchors the join
+    assert merge_words(split("A B C X D"), split("Y D E F"), 2, 2) == split("A B C X D E F")
+    # no common word: each side drops the words of its half of the overlap
+    assert merge_words(split("A B C D"), split("E F G"), 2, 2) == split("A B C F G")
+    assert merge_words([], split("E F"), 0, 1) == split("E F")
+
+
+# --- Python API -------------------------------------------------------------------------------
+
+def test_transcribes_files_greedy(ctc, audio_files):
+    texts = ctc.transcribe_files(audio_files)
+    assert len(texts) == 3 and all(isinstance(t, str) and t.strip() for t in texts)
+    assert all(t == t.upper() for t in texts)
+    # greedy CTC: argmax decoding, no beam search
+    assert isinstance(ctc.asr.decoding_function, functools.partial)
+    # batched decoding gives each file's own transcript
+    assert texts == [ctc.transcribe_files([f])[0] for f in audio_files]
+    wav, sr = soundfile.read(audio_files[0], dtype="float32")
+    assert sr == SR and ctc.transcribe_waveform(torch.from_numpy(wav), sr) == texts[0]
+
+
+def test_stereo_is_averaged_and_any_rate_resampled(ctc, audio_files, tmp_path):
+    x = ctc.load_audio(audio_files[0])
+    expected = ctc.transcribe_waveform(x, SR)
+    # 16 kHz stereo whose channel mean is exactly x: same transcript
+    d = torch.round(torch.randn_like(x) * 64) / 1024
+    stereo = _write(tmp_path / "stereo16.wav", torch.stack([x + d, x - d], 1), SR)
+    assert torch.equal(ctc.load_audio(stereo), x)
+    assert ctc.transcribe_files([stereo]) == [expected]
+    # 44.1 kHz stereo: resampled back to the model's 16 kHz (band-limited x: the round trip is
+    # near-exact; a random model's transcript still flips on such differences, so compare signals)
+    x_lp = torchaudio.functional.resample(torchaudio.functional.resample(x, SR, 12000), 12000, SR)
+    y = torchaudio.functional.resample(x_lp, SR, 44100)
+    path44 = _write(tmp_path / "stereo44.wav", torch.stack([y + 0.1, y - 0.1], 1), 44100)
+    back = ctc.load_audio(path44)
+    n = len(x_lp)
+    assert n <= len(back) <= n + 1  # the two rate changes round the length up
+    snr = 10 * torch.log10(x_lp.pow(2).sum() / (back[:n] - x_lp).pow(2).sum())
+    assert snr > 40, f"44.1 kHz -> 16 kHz round trip SNR {snr:.1f} dB"
+    assert ctc.transcribe_files([path44]) == [ctc.transcribe_waveform(back, SR)]
+    wav44, _ = soundfile.read(path44, dtype="float32")
+    assert ctc.transcribe_waveform(torch.from_numpy(wav44), 44100) == \
+        ctc.transcribe_waveform(torch.from_numpy(wav44).t(), 44100)  # (channels, samples) too
+
+
+def test_long_audio_is_chunked_with_bounded_batches(ctc, ctc_dir, audio_files, tmp_path):
+    asr = Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=3.0,
+                                  overlap_seconds=0.5, batch_size=2)
+    pieces = [asr.load_audio(f) for f in audio_files]
+    long_wav = torch.cat(pieces * 3)  # ~20 s
+    long_path = _write(tmp_path / "long.wav", long_wav, SR)
+    seen = []
+    decode = asr._decode
+    asr._decode = lambda batch: seen.append([len(p) for p in batch]) or decode(batch)
+    text = asr.transcribe_files([long_path])[0]
+    bounds = asr.last_chunks[0]
+    assert len(bounds) == -(-(len(long_wav) - 8000) // (48000 - 8000)) > 4
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(long_wav)
+    assert all(a[1] - b[0] == 8000 for a, b in zip(bounds, bounds[1:]))
+    # what the model sees is bounded: chunks of <= 3 s, <= 2 per batch
+    assert sum(len(b) for b in seen) == len(bounds)
+    assert max(max(b) for b in seen) <= 3 * SR and max(len(b) for b in seen) <= 2
+    assert text.strip()
+    # audio just under the limit is decoded in one piece
+    short = long_wav[: 3 * SR - 1]
+    seen.clear()
+    assert asr.transcribe_waveform(short, SR) == ctc.transcribe_waveform(short, SR)
+    assert asr.last_chunks == [[(0, 3 * SR - 1)]] and seen == [[3 * SR - 1]]
+
+
+def test_ctc_beam_search(ctc_dir, audio_files):
+    from speechbrain.decoders.ctc import CTCBeamSearcher
+
+    asr = Transcriber.from_folder(ctc_dir, device="cpu", beam_size=4)
+    assert isinstance(asr.asr.decoding_function, CTCBeamSearcher)
+    assert asr.asr.decoding_function.beam_size == 4
+    texts = asr.transcribe_files(audio_files[:2])
+    assert len(texts) == 2 and all(t.strip() for t in texts)
+
+
+def test_s2s_model(s2s_dir, audio_files):
+    asr = Transcriber.from_folder(s2s_dir, device="cpu", beam_size=2)
+    assert asr.kind == "S2S" and asr.asr.mods.decoder.beam_size == 2
+    assert asr.asr.mods.decoder.ctc_weight == pytest.approx(0.4)  # the exported weight
+    # (batched S2S transcripts may differ from single ones: max_decode_ratio applies to the
+    # longest utterance, and a random decoder runs to that cap)
+    texts = asr.transcribe_files(audio_files[:2])
+    assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts)
+    no_ctc = Transcriber.from_folder(s2s_dir, device="cpu", beam_size=2, ctc_weight=0.0)
+    assert no_ctc.asr.mods.decoder.scorer is None
+    assert no_ctc.transcribe_files(audio_files[:1])[0].strip()
+    partial = Transcriber.from_folder(s2s_dir, device="cpu", beam_size=2, ctc_partial=True)
+    scorer = partial.asr.mods.decoder.scorer
+    assert list(scorer.partial_scorers) == ["ctc"] and not scorer.full_scorers
+    assert partial.transcribe_files(audio_files[:1])[0].strip()
+    with pytest.raises(TranscriberError, match="lm.ckpt"):
+        Transcriber.from_folder(s2s_dir, device="cpu", use_lm=True)
+
+
+def test_option_errors(ctc_dir):
+    with pytest.raises(TranscriberError, match="CTC model"):
+        Transcriber.from_folder(ctc_dir, device="cpu", ctc_weight=0.5)
+    with pytest.raises(TranscriberError, match="CTC model"):
+        Transcriber.from_folder(ctc_dir, device="cpu", ctc_partial=True)
+    with pytest.raises(TranscriberError, match="overlap_seconds"):
+        Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=2, overlap_seconds=2)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def test_cli_prints_one_line_per_file(ctc, ctc_dir, audio_files, tmp_path):
+    stereo = _write(tmp_path / "s.wav", torch.stack([ctc.load_audio(audio_files[1])] * 2, 1), SR)
+    files = [audio_files[0], stereo]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "transcribe.py"), ctc_dir, *files,
+                           "--device", "cpu", "--batch-size", "2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == files
+    assert [line.split("\t")[1] for line in lines] == ctc.transcribe_files(files)
+
+
+def test_cli_text_only_s2s(s2s_dir, audio_files, capsys):
+    assert transcribe.run([s2s_dir, audio_files[0], "--text-only", "--beam-size", "2",
+                           "--no-lm", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "\t" not in out[0] and out[0].strip()
+
+
+def test_cli_empty_file_exits_with_one_line(ctc_dir, tmp_path):
+    empty = _write(tmp_path / "empty.wav", torch.zeros(0), SR)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "transcribe.py"), ctc_dir, empty],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and empty in err[0] and "empty" in err[0]
+
+
+@pytest.mark.parametrize("case", ["no_folder", "no_hparams", "unreadable", "missing_audio"])
+def test_cli_errors(case, ctc_dir, audio_files, tmp_path, capsys):
+    model, audio = ctc_dir, audio_files[0]
+    if case == "no_folder":
+        model = str(tmp_path / "nowhere")
+        expected = [model, "does not exist"]
+    elif case == "no_hparams":
+        model = str(tmp_path)
+        expected = [os.path.join(model, "hyperparams.yaml"), "missing"]
+    elif case == "unreadable":
+        audio = str(tmp_path / "noise.wav")
+        with open(audio, "wb") as f:
+            f.write(os.urandom(2000))
+        expected = [audio, "Cannot decode", "convert"]
+    else:
+        audio = str(tmp_path / "gone.flac")
+        expected = [audio, "does not exist"]
+    assert transcribe.run([model, audio]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("ERROR:")
+    assert all(word in err[0] for word in expected), err[0]

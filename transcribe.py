@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Transcribe audio files with an exported model folder (<output_folder>/inference of
+train_CTC.py / train_S2S.py).
+
+    python transcribe.py results/CTC/demo/7775/inference a.wav b.flac
+    python transcribe.py MODEL_DIR talk.wav --chunk-seconds 30 --overlap-seconds 4 --device cpu
+    python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # S2S without the LM
+
+Output: one line per file, in the order given: PATH<TAB>TRANSCRIPT (--text-only: TRANSCRIPT).
+Any sample rate and channel count (resampled to the model's rate, channels averaged); formats
+that libsndfile reads (WAV, FLAC, OGG, ...). Audio longer than --chunk-seconds is split into
+chunks overlapping by --overlap-seconds whose transcripts are merged, so memory stays bounded.
+Errors (missing model folder, unreadable or empty audio...) print one line and exit with 1.
+"""
+
+import argparse
+import sys
+
+from recipes import RecipeError
+from recipes.device import set_mps_fallback_env
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Output: one line per file, in order: PATH<TAB>TRANSCRIPT, or only TRANSCRIPT "
+               "with --text-only.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="exported folder (hyperparams.yaml, model.ckpt, tokenizer.ckpt...)")
+    parser.add_argument("audio", metavar="AUDIO", nargs="+", help="audio files")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N | mps (default: best available)")
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="CTC: 1 (default) = greedy, N > 1 = prefix beam search; "
+                             "S2S: beam width (default: the model's test_beam_size)")
+    parser.add_argument("--no-lm", action="store_true",
+                        help="S2S: decode without the exported language model (lm.ckpt)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="S2S: weight of the CTC scorer in [0, 1] (default: the model's "
+                             "ctc_weight_decode; 0 = attention only)")
+    parser.add_argument("--ctc-partial", action="store_true",
+                        help="S2S: the CTC scorer rescores only the 2 x beam best tokens per step "
+                             "(much faster on CPU than scoring the whole vocabulary)")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0,
+                        help="longer audio is split into chunks of at most this length (30)")
+    parser.add_argument("--overlap-seconds", type=float, default=4.0,
+                        help="overlap between consecutive chunks (4); their transcripts are "
+                             "joined at the middle of the longest word run both transcribe in "
+                             "the overlap (else each drops its half of the overlap's words)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="files or chunks decoded together (4)")
+    parser.add_argument("--text-only", action="store_true", help="print only the transcripts")
+    return parser.parse_args(argv)
+
+
+def main(argv):
+    """Transcribes and prints; raises RecipeError for user-fixable problems."""
+    args = parse_args(argv)
+    set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
+
+    from recipes.transcriber import Transcriber, check_audio, model_kind
+
+    model_kind(args.model_dir)  # fail fast, before the slow imports and model loading
+    for path in args.audio:
+        check_audio(path)
+    asr = Transcriber.from_folder(
+        args.model_dir, device=args.device, beam_size=args.beam_size,
+        use_lm=False if args.no_lm else None, ctc_weight=args.ctc_weight,
+        ctc_partial=args.ctc_partial,
+        chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
+        batch_size=args.batch_size)
+    for path, text in zip(args.audio, asr.transcribe_files(args.audio)):
+        print(text if args.text_only else f"{path}\t{text}", flush=True)
+
+
+def run(argv):
+    """main() with user-fixable errors as one 'ERROR: ...' line on stderr; returns the exit
+    status (0 or 1)."""
+    try:
+        main(argv)
+    except RecipeError as e:  # the message names the file and what to do
+        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
