@@ -60,7 +60,7 @@ def main(argv):
 
     from recipes.transcriber import Transcriber, check_audio, model_kind
 
-    model_kind(args.model_dir)  # fail fast, before the slow imports and model loading
+    model_kind(args.model_dir)  # fail fast: check the folder and every file before loading
     for path in args.audio:
         check_audio(path)
     asr = Transcriber.from_folder(

@@ -10,7 +10,9 @@ on 2 s. Median of 3 runs for audio up to 10 s (one when a run takes over 10 s), 
 Each (model, duration) row runs in its own process with torch.set_num_threads(--threads).
 "time s": wall clock. "CPU s": the process's CPU time (all threads) in that run; on a busy machine
 wall time mostly measures the other processes (and OpenMP threads spin while waiting for a
-descheduled sibling), so with --threads 1 "CPU s" is close to what the run takes on an idle core.
+descheduled sibling), so with --threads 1 "CPU s" is close to what the run takes on an idle core. On a shared machine run it with
+OMP_WAIT_POLICY=PASSIVE (inherited by the rows): threads then sleep instead of spinning, which
+on this 2-core machine under load cut a 2-thread 10 s ConMamba CTC run from ~5 s to ~0.8 s.
 "peak MB": the process's peak resident memory (VmHWM: imports + model + decoding; the imports of
 torch and SpeechBrain alone take ~0.75 GB); "loaded MB": resident memory once the model is loaded;
 the difference is what decoding added.
@@ -197,7 +199,8 @@ def main():
         if not os.path.isfile(wavs[seconds]):
             soundfile.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
     print(f"bench_rtf: CPU, {args.threads} torch threads, chunks {args.chunk_seconds:g} s "
-          f"overlapping {args.overlap_seconds:g} s, batch {args.batch_size}; load average at "
+          f"overlapping {args.overlap_seconds:g} s, batch {args.batch_size}, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at "
           f"start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores",
           flush=True)
     header = (f"{'model':<21} {'decoding':<20} {'audio s':>7} {'chunks':>6} {'time s':>8} "

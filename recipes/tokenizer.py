@@ -17,17 +17,22 @@ def train_tokenizer(hparams):
     Returns (processor, model file path). Raises RecipeError when the vocabulary does not fit
     output_neurons (e.g. characters of another alphabet than LibriSpeech's).
     """
+    build = lambda: SentencePiece(  # noqa: E731
+        model_dir=hparams["save_folder"],
+        vocab_size=hparams["output_neurons"],
+        annotation_train=hparams["train_csv"],
+        annotation_read="wrd",
+        model_type=hparams["token_type"],
+        character_coverage=hparams["character_coverage"],
+        bos_id=hparams["bos_index"],
+        eos_id=hparams["eos_index"],
+    )
     try:
-        wrapper = SentencePiece(
-            model_dir=hparams["save_folder"],
-            vocab_size=hparams["output_neurons"],
-            annotation_train=hparams["train_csv"],
-            annotation_read="wrd",
-            model_type=hparams["token_type"],
-            character_coverage=hparams["character_coverage"],
-            bos_id=hparams["bos_index"],
-            eos_id=hparams["eos_index"],
-        )
+        # SentencePiece decides whether to train (and so whether to enter a DDP barrier) by
+        # checking for the model file, which a fast main process may already have written:
+        # train on main first, then every process finds the file and only loads it.
+        run_on_main(lambda: build() and None)
+        wrapper = build()
     except RuntimeError as e:  # SentencePiece's trainer errors, e.g. too little text
         raise RecipeError(f"Could not train a {hparams['token_type']} tokenizer of "
                           f"{hparams['output_neurons']} tokens on {hparams['train_csv']}: "

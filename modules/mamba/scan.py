@@ -119,44 +119,115 @@ def _autocast_off(device_type):
         return contextlib.nullcontext()
 
 
+def _time_major(x):
+    """(batch, c, L) -> new contiguous (L, batch, c) (used for the small B and C)."""
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _empty_like_layout(x):
+    """A new (batch, c, L) tensor laid out like x: (batch, L, c) memory when x is a transposed
+    view of that (as Mamba passes them), so neither side of the scan pays a transpose."""
+    batch, c, length = x.shape
+    if x.stride(2) != 1 and x.stride(1) == 1:
+        return x.new_empty(batch, length, c).transpose(1, 2)
+    return x.new_empty(batch, c, length)
+
+
+class _Converter:
+    """Copies time chunks between (batch, c, L) tensors and time-major (w, batch, c) buffers.
+
+    With L innermost this is a transpose: a copy into a (batch*c, w) staging buffer, then a 2-D
+    transpose, which torch copies in cache tiles (a permuted copy is ~4x slower). Converting
+    chunk by chunk in reused buffers avoids full-size temporaries (fresh large buffers cost
+    page faults under glibc's default allocator)."""
+
+    def __init__(self, rows, steps, like):
+        self.rows = rows
+        self.stage = like.new_empty(rows * steps)
+
+    def _staging(self, w):
+        return self.stage[: self.rows * w].view(self.rows, w)
+
+    def load(self, x, sl, out):
+        """out (w, batch, c) <- x[:, :, sl]."""
+        w = sl.stop - sl.start
+        if x.stride(2) != 1:  # c (or batch) innermost already: a plain strided copy
+            out.copy_(x[:, :, sl].permute(2, 0, 1))
+            return out
+        st = self._staging(w)
+        st.view(x.shape[0], x.shape[1], w).copy_(x[:, :, sl])
+        out.view(w, self.rows).copy_(st.t())
+        return out
+
+    def store(self, x_tm, dst, sl):
+        """dst[:, :, sl] <- x_tm (w, batch, c)."""
+        w = x_tm.shape[0]
+        if dst.stride(2) != 1:
+            dst[:, :, sl].copy_(x_tm.permute(1, 2, 0))
+            return
+        st = self._staging(w)
+        st.copy_(x_tm.view(w, self.rows).t())
+        dst[:, :, sl].copy_(st.view(dst.shape[0], dst.shape[1], w))
+
+
 class _Blocks:
-    """Reusable time-major work buffers of one scan call and the per-block input loader.
+    """Time-major chunk buffers, reusable work buffers and the per-block input loader.
 
-    Everything of size (batch, d_inner, L) is handled one time block at a time, so the only
-    full-size tensors are the inputs and the results (fresh large buffers cost page faults)."""
+    Time is cut into chunks of a few blocks: u, delta, z (and dout) are converted chunk by chunk
+    to (w, batch, d_inner); everything of size batch * d_inner * L * d_state is handled one block
+    at a time in two reused (T, batch, d_state, d_inner) buffers."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        self.u, self.delta, self.B, self.C, self.D, self.z = u, delta, B, C, D, z
-        self.delta_bias, self.delta_softplus = delta_bias, delta_softplus
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, extra=0):
+        self.D, self.delta_bias, self.delta_softplus = D, delta_bias, delta_softplus
+        self.u_in, self.delta_in, self.z_in = u, delta, z
         batch, d_inner, self.length = u.shape
         d_state = A.shape[1]
-        self.steps = _block_steps(batch, d_state, d_inner, self.length)
-        self.n_blocks = -(-self.length // self.steps)
+        self.steps = T = _block_steps(batch, d_state, d_inner, self.length)
+        self.n_blocks = -(-self.length // T)
+        # a chunk: whole blocks, ~BLOCK_FLOATS / 2 values per (w, batch, d_inner) buffer
+        per_chunk = max(1, BLOCK_FLOATS // (2 * T * batch * d_inner))
+        self.chunk = W = min(self.length, T * per_chunk)
         self.A2 = (A * LOG2E).t().contiguous()  # (n, d): exp(dt A) = exp2(dt A log2 e)
-        T = self.steps
+        self.B, self.C = _time_major(B), _time_major(C)
+        self.conv = _Converter(batch * d_inner, W, u)
+        wide = lambda: u.new_empty(W, batch, d_inner)  # noqa: E731
+        self.u, self.delta = wide(), wide()
+        self.z = None if z is None else wide()
+        self.extra = [wide() for _ in range(extra)]
         self.dA = u.new_empty(T, batch, d_state, d_inner)
         self.H = torch.empty_like(self.dA)
-        small = lambda c: u.new_empty(T, batch, c)  # noqa: E731
-        self.pre, self.dt, self.u_t, self.dtu, self.y = (small(d_inner) for _ in range(5))
-        self.B_t, self.C_t = small(d_state), small(d_state)
+        small = lambda: u.new_empty(T, batch, d_inner)  # noqa: E731
+        self.pre, self.dt, self.dtu = small(), small(), small()
 
-    def slices(self):
-        for k in range(self.n_blocks):
-            t0 = k * self.steps
-            yield k, slice(t0, min(t0 + self.steps, self.length))
+    def chunks(self, reverse=False):
+        """(chunk slice of time, [(global block index k, block slice within the chunk)])."""
+        out = []
+        for c0 in range(0, self.length, self.chunk):
+            c1 = min(c0 + self.chunk, self.length)
+            blocks = [(c0 // self.steps + i, slice(b0, min(b0 + self.steps, c1 - c0)))
+                      for i, b0 in enumerate(range(0, c1 - c0, self.steps))]
+            out.append((slice(c0, c1), blocks[::-1] if reverse else blocks))
+        return out[::-1] if reverse else out
 
-    def load(self, sl):
-        """Time-major block inputs: dt, u, dt*u (T, b, d); B, C (T, b, n)."""
-        T = sl.stop - sl.start
-        tm = (lambda x: x[:, :, sl].permute(2, 0, 1))  # noqa: E731
-        dt = self.pre[:T].copy_(tm(self.delta))
+    def load_chunk(self, cs):
+        """Time-major u, delta, z of chunk cs into the chunk buffers."""
+        w = cs.stop - cs.start
+        self.conv.load(self.u_in, cs, self.u[:w])
+        self.conv.load(self.delta_in, cs, self.delta[:w])
+        if self.z is not None:
+            self.conv.load(self.z_in, cs, self.z[:w])
+
+    def load(self, cs, bs):
+        """Block inputs, time-major: pre (delta + bias), dt, u, dt*u (T, b, d); B, C (T, b, n)."""
+        T = bs.stop - bs.start
+        pre = self.delta[bs]
         if self.delta_bias is not None:
-            dt.add_(self.delta_bias)
-        if self.delta_softplus:
-            dt = _softplus(dt, self.dt[:T])
-        u_t = self.u_t[:T].copy_(tm(self.u))
+            pre = torch.add(pre, self.delta_bias, out=self.pre[:T])
+        dt = _softplus(pre, self.dt[:T]) if self.delta_softplus else pre
+        u_t = self.u[bs]
         dtu = torch.mul(dt, u_t, out=self.dtu[:T])
-        return dt, u_t, dtu, self.B_t[:T].copy_(tm(self.B)), self.C_t[:T].copy_(tm(self.C))
+        ts = slice(cs.start + bs.start, cs.start + bs.stop)
+        return pre, dt, u_t, dtu, self.B[ts], self.C[ts]
 
     def states(self, T, dt, dtu, B_t, entry):
         """dA = exp(dt A) and states H, both (T, b, n, d), from the state entering the block."""
@@ -168,14 +239,13 @@ class _Blocks:
             prev = h_t.addcmul_(dA_t, prev)
         return dA, H
 
-    def readout(self, H, C_t, u_t):
-        """y = C . h + D u (T, b, d), before the z gate."""
+    def readout(self, H, C_t, u_t, out):
+        """y = C . h + D u (T, b, d), before the z gate, written to out."""
         T, b, n, d = H.shape
-        y = self.y[:T]
-        torch.bmm(C_t.view(T * b, 1, n), H.view(T * b, n, d), out=y.view(T * b, 1, d))
+        torch.bmm(C_t.reshape(T * b, 1, n), H.view(T * b, n, d), out=out.view(T * b, 1, d))
         if self.D is not None:
-            y.addcmul_(u_t, self.D)
-        return y
+            out.addcmul_(u_t, self.D)
+        return out
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -197,17 +267,20 @@ class _SelectiveScanFn(torch.autograd.Function):
             entries[0].zero_()
         else:
             entries[0].copy_(h0.transpose(1, 2))
-        out = torch.empty_like(u)
-        for k, sl in blk.slices():
-            dt, u_t, dtu, B_t, C_t = blk.load(sl)
-            T = dt.shape[0]
-            _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
-            if k + 1 < blk.n_blocks:
-                entries[slot(k + 1)].copy_(H[T - 1])
-            y = blk.readout(H, C_t, u_t)
-            if z is not None:
-                y.mul_(torch.nn.functional.silu(z[:, :, sl].permute(2, 0, 1)))
-            out[:, :, sl].copy_(y.permute(1, 2, 0))
+        out = _empty_like_layout(u)
+        y_c = blk.delta  # a block's delta is no longer needed once its states are computed
+        for cs, blocks in blk.chunks():
+            blk.load_chunk(cs)
+            for k, bs in blocks:
+                pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
+                T = dt.shape[0]
+                _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
+                if k + 1 < blk.n_blocks:
+                    entries[slot(k + 1)].copy_(H[T - 1])
+                y = blk.readout(H, C_t, u_t, y_c[bs])
+                if z is not None:
+                    y.mul_(torch.nn.functional.silu(blk.z[bs]))
+            blk.conv.store(y_c[: cs.stop - cs.start], out, cs)
         last = H[T - 1].transpose(1, 2).clone()  # (b, d, n)
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = h0 is not None
@@ -223,65 +296,79 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias, entries = ctx.saved_tensors
-        blk = _Blocks(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
-        batch, d_inner, _ = u.shape
+        blk = _Blocks(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, extra=1)
+        batch, d_inner, length = u.shape
         d_state = A.shape[1]
         A_nd = A.t().contiguous()
         G_buf = torch.empty_like(blk.dA)
-        du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
-        dz = None if z is None else torch.empty_like(z)
+        dout_c = blk.extra[0]
+        # time-major gradients overwrite a block's chunk inputs after their last use
+        du_c, ddelta_c, dz_c = blk.u, blk.delta, blk.z
+        du, ddelta = _empty_like_layout(u), _empty_like_layout(delta)
+        dz = None if z is None else _empty_like_layout(z)
+        dB, dC = (u.new_empty(length, batch, d_state) for _ in range(2))
         dD = None if D is None else D.new_zeros(d_inner)
         ddelta_bias = None if delta_bias is None else delta_bias.new_zeros(d_inner)
         dA_nd = A.new_zeros(d_state, d_inner)
         # exp(dt_{t0} A) * dL/dh_{t0} of the later block, handed to the block before it
         carry = u.new_zeros(batch, d_state, d_inner)
-        for k, sl in reversed(list(blk.slices())):
-            dt, u_t, dtu, B_t, C_t = blk.load(sl)
-            T = dt.shape[0]
-            TB = T * batch
-            dA, H = blk.states(T, dt, dtu, B_t, entries[k])
-            dy = dout[:, :, sl].permute(2, 0, 1)
-            if z is not None:
-                z_t = z[:, :, sl].permute(2, 0, 1)
-                sig = torch.sigmoid(z_t)
-                y = blk.readout(H, C_t, u_t)
-                dz[:, :, sl].copy_((dy * y * sig * (1 + z_t * (1 - sig))).permute(1, 2, 0))
-                dy = dy * (z_t * sig)
-            dy = dy.contiguous()
-            if D is not None:
-                dD += (dy * u_t).sum((0, 1))
-            # adjoint g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
-            G = G_buf[:T]
-            torch.mul(C_t[:, :, :, None], dy[:, :, None, :], out=G)
-            G[T - 1].add_(carry)
-            for i in range(T - 2, -1, -1):
-                G[i].addcmul_(dA[i + 1], G[i + 1])
-            torch.mul(dA[0], G[0], out=carry)
-            # (1, d) @ (d, n) per row: ~10x faster than (n, d) @ (d, 1) with CPU bmm
-            dC_t = torch.bmm(dy.view(TB, 1, d_inner), H.view(TB, d_state, d_inner).transpose(1, 2))
-            dB_t = torch.bmm(dtu.view(TB, 1, d_inner), G.view(TB, d_state, d_inner).transpose(1, 2))
-            ddtu = torch.bmm(B_t.view(TB, 1, d_state), G.view(TB, d_state, d_inner))
-            ddtu = ddtu.view(T, batch, d_inner)
-            # q_t = g_t * h_{t-1} * exp(dt_t A) = dL/d(dt_t A)
-            G[1:].mul_(H[:-1])
-            G[0].mul_(entries[k])
-            G.mul_(dA)
-            ddt = torch.mul(G, A_nd, out=dA).sum(2)  # (T, b, d)
-            G.mul_(dt[:, :, None, :])
-            dA_nd += G.view(TB, d_state * d_inner).sum(0).view(d_state, d_inner)
-            ddt.addcmul_(ddtu, u_t)
-            du_t = ddtu.mul_(dt)
-            if D is not None:
-                du_t.addcmul_(dy, D)
-            if ctx.delta_softplus:
-                ddt.mul_(torch.sigmoid(blk.pre[:T]))
-            if delta_bias is not None:
-                ddelta_bias += ddt.sum((0, 1))
-            du[:, :, sl].copy_(du_t.permute(1, 2, 0))
-            ddelta[:, :, sl].copy_(ddt.permute(1, 2, 0))
-            dB[:, :, sl].copy_(dB_t.view(T, batch, d_state).permute(1, 2, 0))
-            dC[:, :, sl].copy_(dC_t.view(T, batch, d_state).permute(1, 2, 0))
+        for cs, blocks in blk.chunks(reverse=True):
+            blk.load_chunk(cs)
+            blk.conv.load(dout, cs, dout_c[: cs.stop - cs.start])
+            for k, bs in blocks:
+                pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
+                T = dt.shape[0]
+                TB = T * batch
+                ts = slice(cs.start + bs.start, cs.start + bs.stop)
+                dA, H = blk.states(T, dt, dtu, B_t, entries[k])
+                dy = dout_c[bs]
+                if z is not None:
+                    z_t = blk.z[bs]
+                    sig = torch.sigmoid(z_t)
+                    y = blk.readout(H, C_t, u_t, torch.empty_like(dy))
+                    dz_t = dy * y * sig * (1 + z_t * (1 - sig))
+                    dy = dy * (z_t * sig)
+                    dz_c[bs].copy_(dz_t)
+                if D is not None:
+                    dD += (dy * u_t).sum((0, 1))
+                # adjoint g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
+                G = G_buf[:T]
+                torch.mul(C_t[:, :, :, None], dy[:, :, None, :], out=G)
+                G[T - 1].add_(carry)
+                for i in range(T - 2, -1, -1):
+                    G[i].addcmul_(dA[i + 1], G[i + 1])
+                torch.mul(dA[0], G[0], out=carry)
+                # (1, d) @ (d, n) per row: ~10x faster than (n, d) @ (d, 1) with CPU bmm
+                torch.bmm(dy.reshape(TB, 1, d_inner),
+                          H.view(TB, d_state, d_inner).transpose(1, 2),
+                          out=dC[ts].view(TB, 1, d_state))
+                torch.bmm(dtu.view(TB, 1, d_inner), G.view(TB, d_state, d_inner).transpose(1, 2),
+                          out=dB[ts].view(TB, 1, d_state))
+                ddtu = torch.bmm(B_t.reshape(TB, 1, d_state), G.view(TB, d_state, d_inner))
+                ddtu = ddtu.view(T, batch, d_inner)
+                # q_t = g_t * h_{t-1} * exp(dt_t A) = dL/d(dt_t A)
+                G[1:].mul_(H[:-1])
+                G[0].mul_(entries[k])
+                G.mul_(dA)
+                ddt = torch.mul(G, A_nd, out=dA).sum(2)  # (T, b, d)
+                G.mul_(dt[:, :, None, :])
+                dA_nd += G.view(TB, d_state * d_inner).sum(0).view(d_state, d_inner)
+                ddt.addcmul_(ddtu, u_t)
+                du_t = ddtu.mul_(dt)
+                if D is not None:
+                    du_t.addcmul_(dy, D)
+                if ctx.delta_softplus:
+                    ddt.mul_(torch.sigmoid(pre))
+                if delta_bias is not None:
+                    ddelta_bias += ddt.sum((0, 1))
+                du_c[bs].copy_(du_t)
+                ddelta_c[bs].copy_(ddt)
+            w = cs.stop - cs.start
+            for g_c, g in ((du_c, du), (ddelta_c, ddelta), (dz_c, dz)):
+                if g is not None:
+                    blk.conv.store(g_c[:w], g, cs)
         dh0 = carry.transpose(1, 2) if ctx.has_h0 else None
+        dB, dC = (g.permute(1, 2, 0).contiguous() for g in (dB, dC))
         return du, ddelta, dA_nd.t(), dB, dC, dD, dz, ddelta_bias, dh0, None
 
 
