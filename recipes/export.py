@@ -15,6 +15,8 @@ import shutil
 
 import torch
 
+from recipes import RecipeError
+
 COMMON_KEYS = ["sample_rate", "n_fft", "win_length", "n_mels", "d_model", "nhead",
                "num_encoder_layers", "num_decoder_layers", "d_ffn", "output_neurons",
                "encoder_module", "attention_type", "d_state", "expand", "d_conv", "bidirectional",
@@ -208,6 +210,10 @@ def export_inference_folder(hparams, kind, tokenizer_file, lm_model=None):
 
     hparams["model"] must hold the weights to export (the averaged ones after testing).
     """
+    if getattr(hparams["normalize"], "count", 1) == 0:
+        raise RecipeError("Cannot export: the feature normalizer has seen no training batch, so "
+                          "the exported model could not normalize its input; train for at least "
+                          "one step first")
     folder = hparams["inference_folder"]
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()

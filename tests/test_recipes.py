@@ -222,3 +222,14 @@ def test_tokenizer_too_large_for_the_text_is_a_clear_error(csvs, tmp_path):
           "token_type": "unigram", "character_coverage": 1.0, "bos_index": 1, "eos_index": 2}
     with pytest.raises(RecipeError, match="unigram tokenizer of 5000 tokens.*--output_neurons"):
         train_tokenizer(hp)
+
+
+def test_export_refuses_an_unfitted_normalizer(tmp_path):
+    from recipes.export import export_inference_folder
+    from recipes.hparams import load_recipe
+
+    hparams, _, _ = load_recipe(REPO / "hparams/CTC/tiny.yaml",
+                                {"output_folder": str(tmp_path / "out")})
+    with pytest.raises(RecipeError, match="normalizer has seen no training batch"):
+        export_inference_folder(hparams, "CTC", tmp_path / "missing_tokenizer.model")
+    assert not (tmp_path / "out" / "inference").exists()

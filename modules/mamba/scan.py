@@ -105,10 +105,11 @@ def _block_steps(batch, d_state, d_inner, length):
 
 
 def _softplus(x, out):
-    """log(1 + e^x), x itself above the threshold (as torch and the CUDA kernel). Written as
-    exp + log1p: about 2.5x faster than F.softplus on CPU, where it is a large share of the scan."""
-    torch.exp(x, out=out).log1p_()
-    return torch.where(x > SOFTPLUS_THRESHOLD, x, out, out=out)
+    """log(1 + e^x), and x above the threshold (as torch and the CUDA kernel; taking the max
+    instead of a select is exact in float32 and off by < 2e-9 just above 20 in float64).
+    exp2 + log1p: ~3x faster than F.softplus on CPU, where it is a large share of the scan."""
+    torch.clamp_max(x, SOFTPLUS_THRESHOLD, out=out).mul_(LOG2E).exp2_().log1p_()
+    return torch.maximum(out, x, out=out)
 
 
 def _autocast_off(device_type):
@@ -324,10 +325,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                 dy = dout_c[bs]
                 if z is not None:
                     z_t = blk.z[bs]
-                    sig = torch.sigmoid(z_t)
-                    y = blk.readout(H, C_t, u_t, torch.empty_like(dy))
-                    dz_t = dy * y * sig * (1 + z_t * (1 - sig))
-                    dy = dy * (z_t * sig)
+                    y = blk.readout(H, C_t, u_t, torch.empty_like(dy)).mul_(dy)
+                    dz_t = torch.ops.aten.silu_backward(y, z_t)  # y dy silu'(z)
+                    dy.mul_(torch.nn.functional.silu(z_t))
                     dz_c[bs].copy_(dz_t)
                 if D is not None:
                     dD += (dy * u_t).sum((0, 1))
