@@ -3,7 +3,7 @@
 on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech, transcribes
 one bundled file with the exported model and prints a summary table.
 
-    python demo.py                      # full demo: 9 epochs, ~15 min on 2 CPU cores
+    python demo.py                      # full demo: 8 epochs, ~15 min on 2 CPU cores
     python demo.py --epochs 5           # the time budget knob: ~1.5-2 min per epoch on 2 cores
     python demo.py --resume             # continue an interrupted run in the same folder
     python demo.py --quick              # smoke run in seconds: tiny model, few utterances
