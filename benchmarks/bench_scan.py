@@ -18,8 +18,8 @@ All implementations compute out = (scan + D u) * silu(z), delta = softplus(delta
 Note: the issue's fwd+bwd figure (~100-200x) was measured against the slicing loop (ref-mamba_ssm);
 ref-unbind is a better-written loop, so the fwd+bwd ratio against it is much lower.
 Times are medians of runs interleaved across implementations (so machine load hits all alike);
-ratios = reference time / time, both from this run. Peak memory: the process's peak resident set size
-during one run minus its resident size just before (Linux VmHWM after resetting it through
+ratios = reference time / time, both from this run. Peak memory: the process's peak resident set
+size during one run minus its resident size just before (Linux VmHWM after resetting it through
 /proc/self/clear_refs), in a fresh subprocess per row, after the inputs exist and the implementation
 was warmed up on a tiny case. It counts the pages the run held at its peak (live tensors, outputs,
 gradients, allocator slack), not bytes requested from the allocator.
@@ -95,10 +95,10 @@ def sliced_ref_scan(u, delta, A, B, C, D, z, delta_bias):
 
 
 def sliced_ref_estimate_s(batch, d_inner, d_state, length, mode):
-    """Rough fwd+bwd seconds of ``sliced_ref_scan`` on this machine (~8 s at 8x288x16x250, O(L^2))."""
+    """Rough fwd+bwd seconds of ``sliced_ref_scan`` here (~12 s at 8x288x16x250, grows as L^2)."""
     if mode == "fwd":
         return 0.0
-    return 8.0 * batch * d_inner * d_state * length ** 2 / (8 * 288 * 16 * 250 ** 2)
+    return 12.0 * batch * d_inner * d_state * length ** 2 / (8 * 288 * 16 * 250 ** 2)
 
 
 IMPLS = {
