@@ -19,9 +19,9 @@ demo: venv
 	$(BIN)/python demo.py $(DEMO_ARGS)
 
 bench: venv
-	$(BIN)/python benchmarks/bench_scan.py
-	$(BIN)/python benchmarks/bench_models.py
-	$(BIN)/python benchmarks/bench_rtf.py
+	$(BIN)/python benchmarks/bench_scan.py --quick
+	$(BIN)/python benchmarks/bench_models.py --quick
+	$(BIN)/python benchmarks/bench_rtf.py --quick
 
 clean:
 	rm -rf $(VENV) results demo_results

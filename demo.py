@@ -176,6 +176,8 @@ def main(argv=None):
         shutil.rmtree(out)  # a demo trains from scratch
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
+    # Busy-waiting OpenMP threads slow each step ~5-10x whenever another process wants a core.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # read by PyTorch in train_CTC.py
         import torch
