@@ -40,11 +40,7 @@ class ASR(RecipeBrain):
         """Waveforms (B, samples) -> CTC log-probabilities (B, T', vocab)."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
-        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
-        if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
-            feats, _ = self.hparams.fea_augment(feats, wav_lens)
-        src = self.modules.CNN(feats)  # (B, T/4, 640)
+        src = self.front_end(wavs, wav_lens, stage)  # (B, T/4, 640)
         enc_out, _ = self.modules.Transformer(src, tgt=None, wav_len=wav_lens)
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(enc_out))
         hyps = None
@@ -70,15 +66,12 @@ class ASR(RecipeBrain):
                 words = [decode_words(self.tokenizer, h) for h in hyps]
             else:
                 words = [h[0].text.split(" ") for h in hyps]
-            targets = [wrd.split(" ") for wrd in batch.wrd]
-            self.wer_metric.append(batch.id, words, targets)
-            self.cer_metric.append(batch.id, words, targets)
+            self.append_error_rates(batch, words)
         return loss
 
     def on_stage_start(self, stage, epoch):
         if stage != sb.Stage.TRAIN:
-            self.wer_metric = self.hparams.wer_computer()
-            self.cer_metric = self.hparams.cer_computer()
+            self.reset_error_rates()
 
     def on_stage_end(self, stage, stage_loss, epoch):
         stats = {"loss": stage_loss}

@@ -48,12 +48,9 @@ class ASR(RecipeBrain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
-        feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
-        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
+        src = self.front_end(wavs, wav_lens, stage)  # (B, T/4, 640)
         if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
-            feats, _ = self.hparams.fea_augment(feats, wav_lens)
             tokens_bos = self.hparams.fea_augment.replicate_labels(tokens_bos)
-        src = self.modules.CNN(feats)  # (B, T/4, 640)
         enc_out, dec_out = self.modules.Transformer(src, tokens_bos, wav_lens,
                                                     pad_idx=self.hparams.pad_index)
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(enc_out))
@@ -81,17 +78,13 @@ class ASR(RecipeBrain):
         if stage != sb.Stage.TRAIN:
             self.acc_metric.append(p_seq, tokens_eos, tokens_eos_lens)
             if hyps is not None:
-                words = [decode_words(self.tokenizer, h) for h in hyps]
-                targets = [wrd.split(" ") for wrd in batch.wrd]
-                self.wer_metric.append(batch.id, words, targets)
-                self.cer_metric.append(batch.id, words, targets)
+                self.append_error_rates(batch, [decode_words(self.tokenizer, h) for h in hyps])
         return loss
 
     def on_stage_start(self, stage, epoch):
         if stage != sb.Stage.TRAIN:
             self.acc_metric = self.hparams.acc_computer()
-            self.wer_metric = self.hparams.error_rate_computer()
-            self.cer_metric = self.hparams.cer_computer()
+            self.reset_error_rates()
 
     def on_stage_end(self, stage, stage_loss, epoch):
         stats = {"loss": stage_loss}

@@ -16,12 +16,30 @@ class RecipeBrain(sb.core.Brain):
     """sb.Brain + the parts common to both recipes.
 
     Subclasses set ``ckpt_key`` / ``ckpt_max`` (the validation statistic that ranks checkpoints)
-    and fill ``self.metrics`` (name -> ErrorRateStats/AccuracyStats) during evaluation.
+    and fill ``wer_metric`` / ``cer_metric`` with ``append_error_rates`` during evaluation.
     """
 
     ckpt_key = "ACC"
     ckpt_max = True
     tensorboard = None  # TensorboardLogger (set by recipes.run.attach_tensorboard)
+
+    def front_end(self, wavs, wav_lens, stage):
+        """Waveforms (B, samples) -> CNN output (B, T/4, 640); features augmented in training."""
+        feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
+        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
+        if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
+            feats, _ = self.hparams.fea_augment(feats, wav_lens)
+        return self.modules.CNN(feats)
+
+    def reset_error_rates(self):
+        self.wer_metric = self.hparams.wer_computer()
+        self.cer_metric = self.hparams.cer_computer()
+
+    def append_error_rates(self, batch, words):
+        """words: one list of words per utterance of ``batch``."""
+        targets = [wrd.split(" ") for wrd in batch.wrd]
+        self.wer_metric.append(batch.id, words, targets)
+        self.cer_metric.append(batch.id, words, targets)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
