@@ -60,6 +60,7 @@ def small_blocks(monkeypatch):
     # A few time steps per block, so the block boundaries, a partial last block and the
     # recomputation from saved block-entry states are all exercised.
     monkeypatch.setattr(ss, "BLOCK_FLOATS", 300)
+    monkeypatch.setattr(ss, "CHUNK_FLOATS", 150)  # chunks of a few blocks, a partial last one
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -107,6 +108,25 @@ def test_saved_block_states_stay_small(batch, d_inner, d_state, length):
     assert saved <= 2 * batch * d_inner * length + batch * d_state * d_inner
     bnd = batch * d_state * d_inner
     assert steps * bnd <= max(ss.BLOCK_FLOATS, bnd * d_state)
+
+
+def test_reused_work_buffers_do_not_leak_between_calls(small_blocks):
+    """Consecutive scans of different sizes share the per-thread scratch buffer: each result
+    matches the reference, and no returned tensor is a view of the scratch."""
+    small, large = make_inputs(2, 8, 4, 37, torch.float32), make_inputs(3, 16, 8, 70, torch.float32)
+    out_small = run_scan(selective_scan_torch, small, torch.ones(2, 8, 37), ARG_NAMES, True)
+    kept = {k: v.clone() for k, v in out_small.items()}
+    out_large = run_scan(selective_scan_torch, large, torch.ones(3, 16, 70), ARG_NAMES, True)
+    again = run_scan(selective_scan_torch, small, torch.ones(2, 8, 37), ARG_NAMES, True)
+    for name, value in kept.items():
+        assert torch.equal(out_small[name], value), name  # untouched by the later scans
+        assert torch.equal(again[name], value), name
+    truth = run_scan(selective_scan_ref, large, torch.ones(3, 16, 70), ARG_NAMES, True)
+    for name, ref in truth.items():
+        assert rel_err(out_large[name], ref) < 1e-5, name
+    pool = ss._SCRATCH.pool[(torch.float32, torch.device("cpu"))]
+    assert all(t.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()
+               for res in (out_small, out_large, again) for t in res.values())
 
 
 def test_empty_sequence():
