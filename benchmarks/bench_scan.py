@@ -8,11 +8,14 @@ r"""Selective-scan benchmark on CPU: sequential reference vs the fast pure-PyTor
 All implementations compute out = (scan + D u) * silu(z), delta = softplus(delta + bias), float32.
 - ref-unbind: ``selective_scan_ref``, the project's sequential reference, one step per frame;
   fwd+bwd is autograd through the time loop, written with ``unbind``.
-- ref-mamba_ssm: the sequential reference as mamba-ssm formulates it: exp(delta A) and delta B u
-  precomputed as (B, D, L, N) tensors, then a Python loop slicing step t out of them, autograd
-  through it. Slicing makes its backward O(L^2) (every slice's gradient is a full-size tensor);
-  rows whose estimated fwd+bwd exceeds --max-ref-s are skipped.
+- ref-mamba_ssm: mamba-ssm's sequential reference (selective_scan_ref) restated op for op: einsum
+  builds exp(delta A) and delta B u as (B, D, L, N) tensors, then a Python loop slices step t out
+  of them and reads out with a per-step einsum, autograd through it. Slicing makes its backward
+  O(L^2) (every slice's gradient is a full-size tensor); rows whose estimated fwd+bwd exceeds
+  --max-ref-s are skipped.
 - fast: ``selective_scan_torch`` (blocked time-major scan with a hand-written backward).
+- fast-mamba_layout: the same on the same values stored as (B, L, d) and passed as transposed
+  views, which is how the project's Mamba blocks call it (no transposes inside the scan).
 - mambapy: mambapy's parallel scan (pscan) with the same math around it, when mambapy is installed
   (pip install -r requirements-bench.txt); skipped where its (B, L, D, N) tensors would not fit.
 Note: the issue's fwd+bwd figure (~100-200x) was measured against the slicing loop (ref-mamba_ssm);
@@ -47,6 +50,7 @@ except ImportError:
     pscan = None
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+SEQUENCE_ARGS = ("u", "delta", "B", "C", "z")
 TARGET_ROWS = [  # (d_inner, d_state, L) rows the targets are about
     (288, 16, 250), (1024, 16, 750), (1024, 16, 3000)]
 
@@ -63,9 +67,18 @@ def make_inputs(batch, d_inner, d_state, length, grad):
         "z": torch.randn(batch, d_inner, length, generator=g),
         "delta_bias": -2.3 - 4.5 * torch.rand(d_inner, generator=g),
     }
+    # The same (B, d, L) values stored as (B, L, d), as Mamba's linear layers produce them
+    # (the scan then reads transposed views): for the fast-mamba_layout row.
+    for k in SEQUENCE_ARGS:
+        t[k + "_bld"] = t[k].transpose(1, 2).contiguous()
     for v in t.values():
         v.requires_grad_(grad)
     return t
+
+
+def mamba_layout(t):
+    """The inputs as transposed views of (B, L, d) tensors."""
+    return [t[k + "_bld"].transpose(1, 2) if k in SEQUENCE_ARGS else t[k] for k in ARGS]
 
 
 def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
@@ -80,16 +93,18 @@ def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
 
 
 def sliced_ref_scan(u, delta, A, B, C, D, z, delta_bias):
-    """Sequential scan in mamba-ssm's formulation: (b, d, L, n) tensors exp(delta A) and delta B u,
-    then a loop taking step t by slicing (the slices make autograd's backward O(L^2))."""
+    """Sequential scan in mamba-ssm's formulation (its selective_scan_ref, real A, B and C of shape
+    (b, n, L)): einsum builds the (b, d, L, n) tensors exp(delta A) and delta B u, then a loop takes
+    step t by slicing and reads out with a per-step einsum (the slices make autograd's backward
+    O(L^2))."""
     dt = F.softplus(delta + delta_bias[:, None])  # (b, d, L)
-    decay = torch.exp(dt.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
-    drive = (dt * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
+    drive = torch.einsum("bdl,bnl,bdl->bdln", dt, B, u)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
         h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.bmm(h, C[:, :, t].unsqueeze(-1)).squeeze(-1))  # (b, d)
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     y = torch.stack(ys, dim=2) + u * D[:, None]
     return y * F.silu(z)
 
@@ -105,6 +120,7 @@ IMPLS = {
     "ref-unbind": lambda t: selective_scan_ref(*(t[k] for k in ARGS), delta_softplus=True),
     "ref-mamba_ssm": lambda t: sliced_ref_scan(*(t[k] for k in ARGS)),
     "fast": lambda t: selective_scan_torch(*(t[k] for k in ARGS), delta_softplus=True),
+    "fast-mamba_layout": lambda t: selective_scan_torch(*mamba_layout(t), delta_softplus=True),
     "mambapy": lambda t: mambapy_scan(*(t[k] for k in ARGS)),
 }
 
@@ -239,7 +255,7 @@ def main():
     print(environment(args.threads))
     print(TARGETS)
     print("x unbind / x mssm: reference time / this time, for ref-unbind / ref-mamba_ssm")
-    print(f"{'d_inner':>7} {'d_state':>7} {'L':>5} {'batch':>5} {'mode':>8} {'impl':>13} "
+    print(f"{'d_inner':>7} {'d_state':>7} {'L':>5} {'batch':>5} {'mode':>8} {'impl':>17} "
           f"{'time ms':>10} {'runs':>4} {'x unbind':>8} {'x mssm':>7} {'peak MB':>8}")
     results = {}
     for d_inner, d_state, length in cases:
@@ -256,7 +272,7 @@ def main():
             timing = bench_case(batch, d_inner, d_state, length, mode, case_impls, args.repeats,
                                 args.slow_budget)
             for impl in impls:
-                head = f"{d_inner:>7} {d_state:>7} {length:>5} {batch:>5} {mode:>8} {impl:>13}"
+                head = f"{d_inner:>7} {d_state:>7} {length:>5} {batch:>5} {mode:>8} {impl:>17}"
                 if impl not in timing:
                     print(f"{head}   skipped: {skip[impl]}")
                     continue

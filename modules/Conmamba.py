@@ -34,6 +34,7 @@ MAMBA_OPTIONAL_KEYS = (
     "dt_init_floor",
     "conv_bias",
     "bias",
+    "bimamba_merge",  # "mean" (default) or "sum" of the two directions, bidirectional blocks only
 )
 
 
@@ -60,9 +61,10 @@ def check_mamba_config(mamba_config) -> dict:
 def build_mamba(d_model: int, mamba_config: dict, bidirectional: bool) -> nn.Module:
     """Mamba or BiMamba (bimamba v2) from a validated config; ``bidirectional`` overrides the
     config's."""
-    kwargs = {k: v for k, v in mamba_config.items() if k != "bidirectional"}
+    kwargs = {k: v for k, v in mamba_config.items() if k not in ("bidirectional", "bimamba_merge")}
     if bidirectional:
-        return BiMamba(d_model=d_model, bimamba_type="v2", **kwargs)
+        merge = mamba_config.get("bimamba_merge", "mean")
+        return BiMamba(d_model=d_model, bimamba_type="v2", merge=merge, **kwargs)
     return Mamba(d_model=d_model, **kwargs)
 
 

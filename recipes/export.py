@@ -19,8 +19,7 @@ from recipes import RecipeError
 
 COMMON_KEYS = ["sample_rate", "n_fft", "win_length", "n_mels", "d_model", "nhead",
                "num_encoder_layers", "num_decoder_layers", "d_ffn", "output_neurons",
-               "encoder_module", "attention_type", "d_state", "expand", "d_conv", "bidirectional",
-               "blank_index", "bos_index", "eos_index"]
+               "encoder_module", "attention_type", "blank_index", "bos_index", "eos_index"]
 CTC_KEYS = ["beam_size", "beam_prune_logp", "token_prune_min_logp", "prune_history"]
 S2S_KEYS = ["decoder_module", "min_decode_ratio", "max_decode_ratio", "test_beam_size",
             "ctc_weight_decode", "lm_weight", "temperature"]
@@ -59,11 +58,7 @@ Transformer: !new:modules.TransformerASR.TransformerASR
     attention_type: !ref <attention_type>
     normalize_before: True
     causal: False
-    mamba_config:
-        d_state: !ref <d_state>
-        expand: !ref <expand>
-        d_conv: !ref <d_conv>
-        bidirectional: !ref <bidirectional>
+    mamba_config: {mamba_config}
 
 ctc_lin: !new:speechbrain.nnet.linear.Linear
     input_size: !ref <d_model>
@@ -187,10 +182,13 @@ def inference_yaml(hparams, kind, with_lm=False):
             f"# Load: speechbrain.inference.ASR.{cls}.from_hparams(source=<this folder>)",
             "# (needs the repository root importable: modules.TransformerASR)", ""]
     head += [f"{k}: {_scalar(hparams[k])}" for k in keys]
+    # the model's validated config, every key (d_state, ..., bimamba_merge) as it was trained
+    mamba = ", ".join(f"{k}: {_scalar(v)}" for k, v in hparams["Transformer"].mamba_config.items())
+    model = MODEL.replace("{mamba_config}", "{{" + mamba + "}}")  # braces survive .format
     if kind == "CTC":
-        body = MODEL.format(decoder_line="") + CTC
+        body = model.format(decoder_line="") + CTC
     else:
-        body = MODEL.format(decoder_line="decoder_module: !ref <decoder_module>") + S2S.format(
+        body = model.format(decoder_line="decoder_module: !ref <decoder_module>") + S2S.format(
             lm_block=LM if with_lm else "",
             scorers="!ref <ctc_scorer>, !ref <lm_scorer>" if with_lm else "!ref <ctc_scorer>",
             weights=("ctc: !ref <ctc_weight_decode>\n        transformerlm: !ref <lm_weight>"

@@ -33,13 +33,14 @@ def official_direction(xz, conv, x_proj, dt_proj, A_log, D, d_conv):
                               delta_bias=dt_proj.bias, delta_softplus=True)
 
 
-def official_bimamba_v2(m, x):
+def official_bimamba_v2(m, x, divide_out=True):
     """Official "v2" forward on an unpadded batch: x (B, L, d_model)."""
     xz = (x @ m.in_proj.weight.t()).transpose(1, 2)
     y_f = official_direction(xz, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D, m.d_conv)
     y_b = official_direction(xz.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b,
                              m.d_conv)
-    return F.linear((y_f + y_b.flip(-1)).transpose(1, 2) / 2, m.out_proj.weight)
+    y = (y_f + y_b.flip(-1)).transpose(1, 2)
+    return F.linear(y / 2 if divide_out else y, m.out_proj.weight)
 
 
 def official_mamba(m, x):
@@ -128,6 +129,22 @@ def test_unpadded_output_equals_official_math(dtype, tol):
     with torch.no_grad():
         torch.testing.assert_close(bi(x), official_bimamba_v2(bi, x), rtol=0, atol=tol)
         torch.testing.assert_close(uni(x), official_mamba(uni, x), rtol=0, atol=tol)
+
+
+def test_sum_merge_matches_undivided_v2_and_keeps_padding_invariance():
+    mean = perturbed(BiMamba(16, d_state=8))
+    summed = BiMamba(16, d_state=8, merge="sum")
+    summed.load_state_dict(mean.state_dict())
+    x = torch.randn(2, 23, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(summed(x), official_bimamba_v2(mean, x, divide_out=False),
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(summed(x), 2 * mean(x), rtol=1e-5, atol=1e-6)
+        xp, pad_mask = padded_batch([23, 11], 16)
+        alone = summed(xp[1:, :11])
+        torch.testing.assert_close(summed(xp, pad_mask)[1:, :11], alone, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="merge must be 'mean' or 'sum'"):
+        BiMamba(16, merge="average")
 
 
 @pytest.mark.parametrize("cls", [Mamba, BiMamba])

@@ -324,6 +324,9 @@ def test_mamba_config_is_validated_and_not_mutated():
     with pytest.raises(TypeError, match="mapping"):
         tiny(mamba_config=[16, 2])
     assert tiny(mamba_config=None).mamba_config == MAMBA_DEFAULTS
+    summed = tiny("conmamba", "mamba", mamba_config={"d_state": 8, "bimamba_merge": "sum"})
+    assert summed.encoder.layers[0].mamba.merge == "sum"  # bidirectional encoder blocks
+    assert type(summed.decoder.layers[0].self_mamba).__name__ == "Mamba"  # causal: unaffected
 
 
 def test_bad_module_names_are_rejected():

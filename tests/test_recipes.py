@@ -233,3 +233,21 @@ def test_export_refuses_an_unfitted_normalizer(tmp_path):
     with pytest.raises(RecipeError, match="normalizer has seen no training batch"):
         export_inference_folder(hparams, "CTC", tmp_path / "missing_tokenizer.model")
     assert not (tmp_path / "out" / "inference").exists()
+
+
+@pytest.mark.parametrize("kind", ["CTC", "S2S"])
+def test_exported_yaml_keeps_the_whole_mamba_config(kind, tmp_path):
+    from hyperpyyaml import load_hyperpyyaml
+
+    from recipes.export import inference_yaml
+    from recipes.hparams import load_recipe
+
+    config = {"d_state": 6, "expand": 2, "d_conv": 3, "bidirectional": True,
+              "bimamba_merge": "sum", "dt_max": 0.05}
+    hparams, _, _ = load_recipe(REPO / f"hparams/{kind}/tiny.yaml",
+                                {"output_folder": str(tmp_path / "out"), "mamba_config": config})
+    exported = load_hyperpyyaml(inference_yaml(hparams, kind))
+    assert exported["Transformer"].mamba_config == config
+    assert exported["Transformer"].encoder.layers[0].mamba.merge == "sum"
+    assert {k: v.shape for k, v in exported["model"].state_dict().items()} == \
+        {k: v.shape for k, v in hparams["model"].state_dict().items()}

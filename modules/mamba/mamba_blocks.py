@@ -276,17 +276,21 @@ class BiMamba(Mamba):
     """Bidirectional Mamba "v2" (ConMamba): shared in_proj/out_proj, a second conv1d_b, x_proj_b,
     dt_proj_b, A_b_log, D_b for the backward direction;
     out = out_proj(0.5 * y_fwd + 0.5 * reverse(y_bwd)), where the backward direction runs over each
-    sequence reversed within its valid length.
+    sequence reversed within its valid length. ``merge="sum"`` drops the 0.5 (Vision Mamba's v2
+    block with its default ``if_devide_out=False``), for checkpoints trained that way.
 
     forward(x (B, L, d_model), pad_mask (B, L) bool or None) -> (B, L, d_model)
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
-                 bias=False, layer_idx=None, device=None, dtype=None, bimamba_type="v2"):
+                 bias=False, layer_idx=None, device=None, dtype=None, bimamba_type="v2",
+                 merge="mean"):
         if bimamba_type != "v2":
             raise ValueError(f"BiMamba implements bimamba_type='v2' only, got {bimamba_type!r}")
-        self.bimamba_type = bimamba_type
+        if merge not in ("mean", "sum"):
+            raise ValueError(f"BiMamba merge must be 'mean' or 'sum', got {merge!r}")
+        self.bimamba_type, self.merge = bimamba_type, merge
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init,
                          dt_scale, dt_init_floor, conv_bias, bias, layer_idx, device, dtype)
 
@@ -319,7 +323,8 @@ class BiMamba(Mamba):
             y_f = self._ssm(xz, forward_dir, lengths)
             y_b = self._ssm(_reverse_valid(xz, lengths), backward_dir, lengths)
             y_b = _reverse_valid(y_b, lengths)
-        return self._output(0.5 * y_f + 0.5 * y_b, pad_mask)
+        y = 0.5 * y_f + 0.5 * y_b if self.merge == "mean" else y_f + y_b
+        return self._output(y, pad_mask)
 
     def allocate_inference_cache(self, *args, **kwargs):
         raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")
