@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: trains a small ConMamba CTC model (hparams/CTC/demo.yaml) on the bundled corpus
-on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech, transcribes
-one bundled file with the exported model and prints a summary table.
+on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech (CTC beam
+search, then lexicon + word 3-gram LM of the training text), transcribes one bundled file with
+the exported model and prints a summary table.
 
     python demo.py                      # full demo: 8 epochs, ~15 min on 2 CPU cores
     python demo.py --epochs 5           # the time budget knob: ~1.5-2 min per epoch on 2 cores
@@ -124,14 +125,49 @@ def read_error_rate(path):
     return float(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
-def transcribe(inference_folder, wav, device):
-    """Transcript of one file with the exported model, and the parameter count of the model."""
+def add_word_lm(inference_folder, train_csv):
+    """Lexicon + 3-gram word LM of the training transcripts in the exported folder; False when
+    flashlight-text (the decoder) is not installed."""
+    try:
+        import flashlight.lib.text  # noqa: F401
+    except ImportError:
+        print("flashlight-text is not installed (pip install -r requirements-lm.txt): "
+              "skipping word-LM decoding", flush=True)
+        return False
+    import sentencepiece as spm
+
+    from recipes.word_lm import build_word_lm, read_transcripts
+
+    tokenizer = spm.SentencePieceProcessor(
+        model_file=os.path.join(inference_folder, "tokenizer.ckpt"))
+    build_word_lm(read_transcripts(train_csv), tokenizer, inference_folder)
+    return True
+
+
+def error_rates(asr, rows, corpus):
+    """(WER, CER) in % of a Transcriber on CSV rows (wav paths relative to corpus)."""
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    hyps = asr.transcribe_files([os.path.join(corpus, r["wav"]) for r in rows])
+    ids = [r["ID"] for r in rows]
+    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    wer.append(ids, [h.split() for h in hyps], [r["wrd"].split() for r in rows])
+    cer.append(ids, [list(h) for h in hyps], [list(r["wrd"]) for r in rows])
+    return wer.summarize("error_rate"), cer.summarize("error_rate")
+
+
+def load_transcriber(inference_folder, device):
     sys.path.insert(0, REPO)
     from recipes.transcriber import Transcriber
 
-    asr = Transcriber.from_folder(inference_folder, device=device,
-                                  savedir=os.path.join(os.path.dirname(inference_folder),
-                                                       "inference_cache"))
+    return Transcriber.from_folder(inference_folder, device=device,
+                                   savedir=os.path.join(os.path.dirname(inference_folder),
+                                                        "inference_cache"))
+
+
+def transcribe(inference_folder, wav, device):
+    """Transcript of one file with the exported model, and the parameter count of the model."""
+    asr = load_transcriber(inference_folder, device)
     params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
     return asr.transcribe_files([wav])[0], params
 
@@ -146,7 +182,10 @@ def format_table(summary):
     for name in TEST_SETS:
         s = summary[name]
         rows.append((f"{name} ({s['utterances']} utt.)",
-                     f"WER {s['WER']:.2f} %   CER {s['CER']:.2f} %"))
+                     f"WER {s['WER']:.2f} %   CER {s['CER']:.2f} %   (CTC beam search)"))
+        if "word_lm" in s:
+            rows.append((f"{name} + word LM", f"WER {s['word_lm']['WER']:.2f} %   "
+                         f"CER {s['word_lm']['CER']:.2f} %   (lexicon + 3-gram of train text)"))
     rows += [("file", summary["file"]), ("reference", summary["reference"]),
              ("transcript", summary["transcript"])]
     width = max(len(k) for k, _ in rows)
@@ -192,8 +231,11 @@ def main(argv=None):
 
     with open(os.path.join(out, "hyperparams.yaml")) as f:
         epochs = int(re.search(r"^number_of_epochs: (\d+)", f.read(), re.M).group(1))
-    transcript, params = transcribe(os.path.join(out, "inference"), wav, args.device)
     n_train = QUICK_UTTERANCES["train"] if args.quick else len(train_rows)
+    inference = os.path.join(out, "inference")
+    # then transcribe.py and the Transcriber decode with lexicon + word LM by default
+    word_lm = add_word_lm(inference, os.path.join(args.corpus, "train.csv"))
+    transcript, params = transcribe(inference, wav, args.device)
     summary = {
         "device": args.device, "epochs": epochs, "train_utterances": n_train,
         "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
@@ -205,6 +247,10 @@ def main(argv=None):
         cer, _, _ = read_error_rate(os.path.join(out, f"cer_{name}.txt"))
         n = QUICK_UTTERANCES[name] if args.quick else len(rows[name])
         summary[name] = {"WER": wer, "CER": cer, "utterances": n}
+        if word_lm:
+            wer_lm, cer_lm = error_rates(load_transcriber(inference, args.device),
+                                         rows[name][:n], args.corpus)
+            summary[name]["word_lm"] = {"WER": wer_lm, "CER": cer_lm}
     summary["total_seconds"] = time.time() - start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -4,7 +4,7 @@ train_CTC.py / train_S2S.py).
 
     python transcribe.py results/CTC/demo/7775/inference a.wav b.flac
     python transcribe.py MODEL_DIR talk.wav --chunk-seconds 30 --overlap-seconds 4 --device cpu
-    python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # S2S without the LM
+    python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # without the LM
 
 Output: one line per file, in the order given: PATH<TAB>TRANSCRIPT (--text-only: TRANSCRIPT).
 Any sample rate and channel count (resampled to the model's rate, channels averaged); formats
@@ -34,7 +34,13 @@ def parse_args(argv):
                         help="CTC: 1 (default) = greedy, N > 1 = prefix beam search; "
                              "S2S: beam width (default: the model's test_beam_size)")
     parser.add_argument("--no-lm", action="store_true",
-                        help="S2S: decode without the exported language model (lm.ckpt)")
+                        help="decode without the folder's language model (S2S: lm.ckpt; CTC: "
+                             "lexicon.txt + word_lm.arpa from tools/make_word_lm.py)")
+    parser.add_argument("--lm-weight", type=float, default=2.0,
+                        help="CTC word LM: weight of the LM log-probability (2.0, best on the "
+                             "bundled corpus' valid split)")
+    parser.add_argument("--word-score", type=float, default=0.0,
+                        help="CTC word LM: score added per decoded word (0)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="S2S: weight of the CTC scorer in [0, 1] (default: the model's "
                              "ctc_weight_decode; 0 = attention only)")
@@ -66,7 +72,7 @@ def main(argv):
     asr = Transcriber.from_folder(
         args.model_dir, device=args.device, beam_size=args.beam_size,
         use_lm=False if args.no_lm else None, ctc_weight=args.ctc_weight,
-        ctc_partial=args.ctc_partial,
+        ctc_partial=args.ctc_partial, lm_weight=args.lm_weight, word_score=args.word_score,
         chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
         batch_size=args.batch_size)
     for path, text in zip(args.audio, asr.transcribe_files(args.audio)):

@@ -7,6 +7,8 @@
 
 Decoding is SpeechBrain's: EncoderASR (CTC: greedy by default, prefix beam search with
 beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the exported LM).
+A CTC folder with a lexicon and word LM (tools/make_word_lm.py) is decoded with them instead
+(recipes.word_lm: lexicon-constrained beam search).
 Any sample rate is resampled to the model's and channels are averaged. Audio longer than
 chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
 batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
@@ -140,7 +142,8 @@ class Transcriber:
 
     GROUP_SECONDS = 600.0
 
-    def __init__(self, asr, kind, chunk_seconds=30.0, overlap_seconds=4.0, batch_size=4):
+    def __init__(self, asr, kind, chunk_seconds=30.0, overlap_seconds=4.0, batch_size=4,
+                 word_lm=None):
         if chunk_seconds <= 0 or not 0 <= overlap_seconds < chunk_seconds:
             raise TranscriberError(f"Need chunk_seconds > 0 and 0 <= overlap_seconds < "
                                    f"chunk_seconds, got {chunk_seconds} and {overlap_seconds}")
@@ -150,11 +153,12 @@ class Transcriber:
         self.sample_rate = int(asr.hparams.sample_rate)
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
         self.batch_size = batch_size
+        self.word_lm = word_lm  # recipes.word_lm.LexiconDecoder for CTC models, or None
         self.last_chunks = []  # chunk (start, end) sample ranges of each file of the last call
 
     @classmethod
     def from_folder(cls, model_dir, device=None, beam_size=None, use_lm=None, ctc_weight=None,
-                    ctc_partial=False, savedir=None, **kwargs):
+                    ctc_partial=False, savedir=None, lm_weight=2.0, word_score=0.0, **kwargs):
         """Loads an exported folder (no network).
 
         Arguments
@@ -163,12 +167,15 @@ class Transcriber:
         device : 'cpu' | 'cuda[:i]' | 'mps' | None (best available).
         beam_size : CTC: None or 1 = greedy, N > 1 = prefix beam search of width N;
             S2S: beam width (None = the exported test_beam_size).
-        use_lm : S2S only: None = use lm.ckpt when exported, False = no LM, True = require it.
+        use_lm : None = use the folder's LM when it has one (S2S: lm.ckpt; CTC: lexicon.txt and
+            word_lm.arpa), False = no LM, True = require it.
         ctc_weight : S2S only: weight of the CTC scorer (None = exported; 0 = attention only).
         ctc_partial : S2S only: the CTC scorer rescores only the 2 * beam_size best tokens of
             each step (SpeechBrain partial scorer) instead of the whole vocabulary: much faster
             on CPU with large vocabularies; the exported recipe scores the whole vocabulary.
         savedir : where SpeechBrain links the checkpoints (default: the model folder itself).
+        lm_weight, word_score : CTC word-LM decoding: weight of the LM log-probability and score
+            added per word (beam_size: its beam width, default 50)
         **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
@@ -176,25 +183,38 @@ class Transcriber:
 
         model_dir = os.path.abspath(model_dir)
         kind = model_kind(model_dir)
-        if kind == "CTC" and (use_lm or ctc_weight is not None or ctc_partial):
-            raise TranscriberError(f"{model_dir} holds a CTC model: the LM, ctc_weight and "
+        from recipes.word_lm import LexiconDecoder, has_word_lm
+
+        if kind == "CTC" and (ctc_weight is not None or ctc_partial):
+            raise TranscriberError(f"{model_dir} holds a CTC model: the ctc_weight and "
                                    "ctc_partial options are for S2S models")
-        has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
+        if kind == "CTC":
+            has_lm = has_word_lm(model_dir)
+            missing = ("lexicon.txt and word_lm.arpa (make them with tools/make_word_lm.py "
+                       "MODEL_DIR TRAIN_CSV)")
+        else:
+            has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
+            missing = "lm.ckpt: this model was exported without an LM"
         if use_lm and not has_lm:
-            raise TranscriberError(f"No lm.ckpt in {model_dir}: this model was exported without "
-                                   "an LM; decode without it (use_lm=None or False)")
+            raise TranscriberError(f"No LM in {model_dir}: it lacks {missing}; decode without "
+                                   "it (use_lm=None or False, transcribe.py --no-lm)")
         if beam_size is not None and beam_size < 1:
             raise TranscriberError(f"beam_size must be >= 1, got {beam_size}")
         device = resolve_device(device)
         interface = EncoderASR if kind == "CTC" else EncoderDecoderASR
         asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
                                      run_opts={"device": device})
-        if kind == "CTC":
+        word_lm = None
+        if kind == "CTC" and has_lm and use_lm is not False:
+            word_lm = LexiconDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
+                                     beam_size=beam_size or 50, lm_weight=lm_weight,
+                                     word_score=word_score)
+        elif kind == "CTC":
             _configure_ctc(asr, beam_size)
         else:
             _configure_s2s(asr, beam_size, has_lm and use_lm is not False, ctc_weight,
                            ctc_partial, device)
-        return cls(asr, kind, **kwargs)
+        return cls(asr, kind, word_lm=word_lm, **kwargs)
 
     def load_audio(self, path):
         """Mono float32 (samples,) at the model's sample rate."""
@@ -270,6 +290,8 @@ class Transcriber:
             tokens, _, _, _ = asr.mods.decoder(asr.mods.transformer.encode(x, rel), rel)
             return [asr.tokenizer.decode_ids(t) for t in tokens]
         log_probs = front.log_softmax(front.ctc_lin(front.transformer_encoder(x, rel)))
+        if self.word_lm is not None:
+            return self.word_lm(log_probs, rel)
         hyps = asr.decoding_function(log_probs, rel)
         if isinstance(asr.decoding_function, functools.partial):  # greedy: token ids
             return [asr.tokenizer.decode_ids(h) for h in hyps]

@@ -2,6 +2,7 @@
 (--quick: tiny model and subset, ~20-40 s on 2 cores), and its helpers parse/report correctly."""
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,7 +23,9 @@ def test_quick_demo_end_to_end(tmp_path):
     table = proc.stdout[proc.stdout.index("ConMamba CTC demo: summary"):]
     for name, n in (("test", demo.QUICK_UTTERANCES["test"]), ("real", demo.QUICK_UTTERANCES["real"])):
         assert f"{name} ({n} utt.)" in table
-    assert table.count("WER ") == 2 and table.count("CER ") == 2
+    with_lm = importlib.util.find_spec("flashlight") is not None  # requirements-lm.txt
+    assert table.count("WER ") == table.count("CER ") == (4 if with_lm else 2)
+    assert ("test + word LM" in table) == with_lm
     first_test = next(csv.DictReader(open(REPO + "/data/mini_corpus/test.csv")))
     assert f"reference         | {first_test['wrd']}" in table
     assert "transcript" in table
@@ -38,6 +41,13 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["reference"] == first_test["wrd"]
     assert summary["test"]["CER"] == demo.read_error_rate(str(out / "cer_test.txt"))[0]
     assert f"WER {summary['real']['WER']:.2f} %" in table
+    if with_lm:  # the exported folder now decodes with the lexicon and word LM
+        assert (out / "inference" / "lexicon.txt").is_file()
+        lexicon = {line.split()[0] for line in open(out / "inference" / "lexicon.txt")}
+        assert set(summary["transcript"].split()) <= lexicon
+        for name in ("test", "real"):
+            assert 0 <= summary[name]["word_lm"]["CER"] <= 100
+            assert f"CER {summary[name]['word_lm']['CER']:.2f} %" in table
 
 
 def test_read_error_rate(tmp_path):

@@ -1,0 +1,186 @@
+"""Word n-gram LM (ARPA back-off model), lexicon, lexicon-constrained CTC decoding, and their
+use by the Transcriber and transcribe.py."""
+
+import collections
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from recipes import RecipeError
+from recipes.word_lm import (ARPA, LEXICON, build_arpa, build_word_lm, read_transcripts,
+                             write_lexicon)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CSV = os.path.join(REPO, "data", "mini_corpus", "train.csv")
+SENTENCES = [s.split() for s in [
+    "THE CAT SAT ON THE MAT", "THE DOG SAT ON THE LOG", "A CAT AND A DOG", "THE CAT RAN",
+    "HELLO WORLD", "HELLO THERE WORLD", "THE WORLD IS ROUND", "A DOG RAN ON THE MAT"]]
+
+
+def parse_arpa(text):
+    """{order: {ngram tuple: (log10 prob, log10 backoff)}} of an ARPA text."""
+    grams, order, counts = collections.defaultdict(dict), None, {}
+    for line in text.splitlines():
+        if line.startswith("ngram "):
+            n, c = line[6:].split("=")
+            counts[int(n)] = int(c)
+        elif line.endswith("-grams:"):
+            order = int(line[1:].split("-")[0])
+        elif line.strip() and order and not line.startswith("\\"):
+            fields = line.split("\t")
+            gram = tuple(fields[1].split())
+            grams[order][gram] = (float(fields[0]), float(fields[2]) if len(fields) > 2 else 0.0)
+    assert {n: len(g) for n, g in grams.items()} == counts  # the header's counts
+    return grams
+
+
+def backoff_prob(grams, history, word):
+    """P(word | history) the way KenLM reads a back-off ARPA model."""
+    gram = history + (word,)
+    if gram in grams[len(gram)]:
+        return 10 ** grams[len(gram)][gram][0]
+    weight = grams[len(history)].get(history, (0, 0.0))[1] if history else 0.0
+    return 10 ** weight * backoff_prob(grams, history[1:], word)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_arpa_probabilities_sum_to_one_after_every_history(order):
+    grams = parse_arpa(build_arpa(SENTENCES, order))
+    vocab = [g[0] for g in grams[1] if g[0] != "<s>"]
+    histories = [()] + [g for n in range(1, order) for g in grams[n] if g[-1] != "</s>"]
+    for history in histories:
+        total = sum(backoff_prob(grams, history, w) for w in vocab)
+        assert math.isclose(total, 1.0, rel_tol=1e-5), (history, total)
+    if order >= 2:  # a seen continuation beats its unigram probability and unseen words
+        p = backoff_prob(grams, ("HELLO",), "WORLD")
+        assert p > 2 * backoff_prob(grams, (), "WORLD")
+        assert p > 2 * backoff_prob(grams, ("HELLO",), "MAT")
+
+
+def test_arpa_errors():
+    with pytest.raises(RecipeError, match="no words"):
+        build_arpa([[], []])
+    with pytest.raises(RecipeError, match="order"):
+        build_arpa(SENTENCES, 0)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    text = folder / "text.txt"
+    text.write_text("\n".join(" ".join(s) for s in SENTENCES) + "\n")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "char"),
+                                   model_type="char", vocab_size=24, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(folder / "char.model"))
+
+
+def test_lexicon_spells_words_with_the_tokenizer(char_tokenizer, tmp_path):
+    skipped = write_lexicon({"HELLO", "CAT", "ZEBRA"}, char_tokenizer, tmp_path / "lex.txt")
+    lines = (tmp_path / "lex.txt").read_text().splitlines()
+    assert lines == ["CAT C A T", "HELLO H E L L O"]  # "▁" separates words when decoding
+    assert skipped == 1  # Z, B are not in the tokenizer's alphabet
+
+
+def _emissions(tokenizer, text, sharp=8.0):
+    """Log-probs (1, frames, vocab) that spell `text` one piece per frame, blanks between
+    repeated pieces."""
+    pieces = tokenizer.encode(text, out_type=str)
+    frames = []
+    for i, piece in enumerate(pieces):
+        if i and pieces[i - 1] == piece:
+            frames.append(0)  # blank (id 0)
+        frames.append(tokenizer.piece_to_id(piece))
+    logits = torch.zeros(1, len(frames), tokenizer.vocab_size())
+    logits[0, torch.arange(len(frames)), torch.tensor(frames)] = sharp
+    return logits.log_softmax(-1)
+
+
+def test_lexicon_decoder_outputs_lexicon_words(char_tokenizer, tmp_path):
+    pytest.importorskip("flashlight.lib.text")
+    from recipes.word_lm import LexiconDecoder
+
+    build_word_lm(SENTENCES, char_tokenizer, tmp_path)
+    decode = LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=20)
+    clean = _emissions(char_tokenizer, "HELLO WORLD")
+    assert decode(clean, torch.ones(1)) == ["HELLO WORLD"]
+    # greedy CTC reads "HALLO WARLD" here; only lexicon words come out
+    misspelt = _emissions(char_tokenizer, "HALLO WARLD", sharp=2.0)
+    assert decode(misspelt, torch.ones(1)) == ["HELLO WORLD"]
+    # relative lengths cut the emissions: the first 6 frames spell "▁HELLO" (blank between Ls)
+    both = torch.cat([clean, clean])
+    assert decode(both, torch.tensor([1.0, 7 / clean.shape[1]])) == ["HELLO WORLD", "HELLO"]
+
+
+def test_lexicon_decoder_needs_the_files(char_tokenizer, tmp_path):
+    pytest.importorskip("flashlight.lib.text")
+    from recipes.word_lm import LexiconDecoder
+
+    with pytest.raises(RecipeError, match="make_word_lm.py"):
+        LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0)
+
+
+def test_read_transcripts_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,duration,wav,text\n1,1.0,a.wav,HELLO\n")
+    with pytest.raises(RecipeError, match="no 'wrd' column"):
+        read_transcripts(str(bad))
+    with pytest.raises(RecipeError, match="does not exist"):
+        read_transcripts(str(tmp_path / "missing.csv"))
+    assert read_transcripts(str(bad), "text") == [["HELLO"]]
+
+
+# --- exported folders ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ctc_with_lm(tmp_path_factory):
+    pytest.importorskip("flashlight.lib.text")
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench_rtf import export_untrained
+
+    folder = export_untrained(os.path.join(REPO, "hparams/CTC/tiny.yaml"), "CTC",
+                              str(tmp_path_factory.mktemp("ctc_lm")), n_sentences=2000)
+    plain = str(tmp_path_factory.mktemp("ctc_plain") / "model")
+    shutil.copytree(folder, plain)
+    from tools.make_word_lm import main
+
+    main([folder, TRAIN_CSV, "--order", "2"])
+    return folder, plain
+
+
+def test_transcriber_decodes_with_the_folders_word_lm(ctc_with_lm):
+    from recipes.transcriber import Transcriber, TranscriberError
+
+    folder, plain = ctc_with_lm
+    assert os.path.isfile(os.path.join(folder, LEXICON))
+    assert os.path.isfile(os.path.join(folder, ARPA))
+    lexicon = {line.split()[0] for line in open(os.path.join(folder, LEXICON))}
+    wav = torch.randn(16000 * 3) * 0.1
+    with_lm = Transcriber.from_folder(folder, device="cpu")
+    assert with_lm.word_lm is not None
+    words = with_lm.transcribe_waveform(wav, 16000).split()
+    assert set(words) <= lexicon
+    without = Transcriber.from_folder(folder, device="cpu", use_lm=False)
+    assert without.word_lm is None
+    assert without.transcribe_waveform(wav, 16000) == \
+        Transcriber.from_folder(plain, device="cpu").transcribe_waveform(wav, 16000)
+    with pytest.raises(TranscriberError, match="make_word_lm.py"):
+        Transcriber.from_folder(plain, device="cpu", use_lm=True)
+
+
+def test_make_word_lm_refuses_s2s_and_bad_csv(tmp_path):
+    from tools.make_word_lm import main
+
+    folder = tmp_path / "s2s"
+    folder.mkdir()
+    for name in ("model.ckpt", "normalizer.ckpt", "tokenizer.ckpt"):
+        (folder / name).write_text("")
+    (folder / "hyperparams.yaml").write_text("x: 1\ndecoder: 2\n")
+    with pytest.raises(RecipeError, match="S2S model"):
+        main([str(folder), TRAIN_CSV])

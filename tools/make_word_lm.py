@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Adds a lexicon and a word n-gram LM to an exported CTC model folder; transcribe.py and
+recipes.transcriber.Transcriber then decode with them (lexicon words only, LM-weighted).
+
+    python tools/make_word_lm.py demo_results/inference data/mini_corpus/train.csv
+    python tools/make_word_lm.py MODEL_DIR train.csv other.csv --order 4
+
+Writes MODEL_DIR/lexicon.txt (every transcript word spelled with the model's tokenizer) and
+MODEL_DIR/word_lm.arpa (back-off n-gram model of the transcripts). Needs flashlight-text at
+decoding time (pip install -r requirements-lm.txt).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recipes import RecipeError  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="exported CTC folder (<output_folder>/inference)")
+    p.add_argument("csv", nargs="+", help="CSV manifests whose transcripts train the LM")
+    p.add_argument("--order", type=int, default=3, help="n-gram order (3)")
+    p.add_argument("--column", default="wrd", help="transcript column of the CSVs (wrd)")
+    args = p.parse_args(argv)
+
+    import sentencepiece as spm
+
+    from recipes.transcriber import model_kind
+    from recipes.word_lm import build_word_lm, read_transcripts
+
+    if model_kind(args.model_dir) != "CTC":
+        raise RecipeError(f"{args.model_dir} holds an S2S model: the word LM is for CTC models "
+                          "(S2S models decode with their exported token LM)")
+    tokenizer = spm.SentencePieceProcessor(
+        model_file=os.path.join(args.model_dir, "tokenizer.ckpt"))
+    sentences = [s for path in args.csv for s in read_transcripts(path, args.column)]
+    n_words, skipped = build_word_lm(sentences, tokenizer, args.model_dir, args.order)
+    print(f"{args.model_dir}: lexicon of {n_words - skipped} words ({skipped} not spellable with "
+          f"the tokenizer left out), {args.order}-gram LM of {len(sentences)} sentences")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as e:
+        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
