@@ -179,12 +179,11 @@ class Transcriber:
         **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
+        from recipes.word_lm import LexiconDecoder, has_word_lm
         from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
         model_dir = os.path.abspath(model_dir)
         kind = model_kind(model_dir)
-        from recipes.word_lm import LexiconDecoder, has_word_lm
-
         if kind == "CTC" and (ctc_weight is not None or ctc_partial):
             raise TranscriberError(f"{model_dir} holds a CTC model: the ctc_weight and "
                                    "ctc_partial options are for S2S models")
