@@ -148,16 +148,21 @@ class _Scratch:
     already reuse memory. A scan started while another holds the buffer gets a fresh one."""
 
     def __init__(self, like, shapes):
-        sizes = [math.prod(s) for s in shapes]
+        """shapes: {name: shape or None}; self.views: {name: tensor view or None}."""
+        total = sum(math.prod(s) for s in shapes.values() if s is not None)
         self.key = (like.dtype, like.device)
         self.pool = _SCRATCH.__dict__.setdefault("pool", {}) if like.device.type == "cpu" else None
         flat = None if self.pool is None else self.pool.pop(self.key, None)
-        if flat is None or flat.numel() < sum(sizes):
-            flat = like.new_empty(sum(sizes))
+        if flat is None or flat.numel() < total:
+            flat = like.new_empty(total)
         self.flat = flat
-        self.views, start = [], 0
-        for shape, size in zip(shapes, sizes):
-            self.views.append(flat[start:start + size].view(shape))
+        self.views, start = {}, 0
+        for name, shape in shapes.items():
+            if shape is None:
+                self.views[name] = None
+                continue
+            size = math.prod(shape)
+            self.views[name] = flat[start:start + size].view(shape)
             start += size
 
     def release(self):
@@ -223,20 +228,15 @@ class _Blocks:
         self.A2 = (A * LOG2E).t().contiguous()  # (n, d): exp(dt A) = exp2(dt A log2 e)
         self.B, self.C = _time_major(B), _time_major(C)
         wide, big, small = (W, batch, d_inner), (T, batch, d_state, d_inner), (T, batch, d_inner)
-        n_wide = 2 + (z is not None) + backward  # u, delta, z, dout
-        n_big = 2 + backward  # dA, H, adjoint G
-        n_small = 3 + backward  # pre, dt, dt*u, y
-        self.scratch = _Scratch(u, [(batch * d_inner * W,)] + [wide] * n_wide + [big] * n_big
-                                + [small] * n_small)
-        stage, *views = self.scratch.views
-        self.conv = _Converter(batch * d_inner, stage)
-        self.u, self.delta = views[0], views[1]
-        self.z = views[2] if z is not None else None
-        self.dout = views[n_wide - 1] if backward else None
-        self.dA, self.H = views[n_wide], views[n_wide + 1]
-        self.G = views[n_wide + 2] if backward else None
-        self.pre, self.dt, self.dtu = views[n_wide + n_big:n_wide + n_big + 3]
-        self.y = views[-1] if backward else None
+        only_backward = (lambda shape: shape if backward else None)  # noqa: E731
+        self.scratch = _Scratch(u, {
+            "stage": (batch * d_inner * W,), "u": wide, "delta": wide,
+            "z": wide if z is not None else None, "dout": only_backward(wide),
+            "dA": big, "H": big, "G": only_backward(big),  # decays, states, adjoint
+            "pre": small, "dt": small, "dtu": small, "y": only_backward(small)})
+        for name, view in self.scratch.views.items():
+            setattr(self, name, view)
+        self.conv = _Converter(batch * d_inner, self.stage)
 
     def __enter__(self):
         return self
