@@ -125,7 +125,7 @@ def read_error_rate(path):
     return float(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
-def add_word_lm(inference_folder, train_csv):
+def try_add_word_lm(inference_folder, train_csv):
     """Lexicon + 3-gram word LM of the training transcripts in the exported folder; False when
     flashlight-text (the decoder) is not installed."""
     try:
@@ -134,13 +134,9 @@ def add_word_lm(inference_folder, train_csv):
         print("flashlight-text is not installed (pip install -r requirements-lm.txt): "
               "skipping word-LM decoding", flush=True)
         return False
-    import sentencepiece as spm
+    from recipes.word_lm import add_word_lm
 
-    from recipes.word_lm import build_word_lm, read_transcripts
-
-    tokenizer = spm.SentencePieceProcessor(
-        model_file=os.path.join(inference_folder, "tokenizer.ckpt"))
-    build_word_lm(read_transcripts(train_csv), tokenizer, inference_folder)
+    add_word_lm(inference_folder, [train_csv])
     return True
 
 
@@ -164,12 +160,6 @@ def load_transcriber(inference_folder, device):
                                    savedir=os.path.join(os.path.dirname(inference_folder),
                                                         "inference_cache"))
 
-
-def transcribe(inference_folder, wav, device):
-    """Transcript of one file with the exported model, and the parameter count of the model."""
-    asr = load_transcriber(inference_folder, device)
-    params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
-    return asr.transcribe_files([wav])[0], params
 
 
 def format_table(summary):
@@ -234,8 +224,10 @@ def main(argv=None):
     n_train = QUICK_UTTERANCES["train"] if args.quick else len(train_rows)
     inference = os.path.join(out, "inference")
     # then transcribe.py and the Transcriber decode with lexicon + word LM by default
-    word_lm = add_word_lm(inference, os.path.join(args.corpus, "train.csv"))
-    transcript, params = transcribe(inference, wav, args.device)
+    word_lm = try_add_word_lm(inference, os.path.join(args.corpus, "train.csv"))
+    asr = load_transcriber(inference, args.device)  # one load for the file and the test sets
+    transcript = asr.transcribe_files([wav])[0]
+    params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
     summary = {
         "device": args.device, "epochs": epochs, "train_utterances": n_train,
         "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
@@ -248,8 +240,7 @@ def main(argv=None):
         n = QUICK_UTTERANCES[name] if args.quick else len(rows[name])
         summary[name] = {"WER": wer, "CER": cer, "utterances": n}
         if word_lm:
-            wer_lm, cer_lm = error_rates(load_transcriber(inference, args.device),
-                                         rows[name][:n], args.corpus)
+            wer_lm, cer_lm = error_rates(asr, rows[name][:n], args.corpus)
             summary[name]["word_lm"] = {"WER": wer_lm, "CER": cer_lm}
     summary["total_seconds"] = time.time() - start
     with open(os.path.join(out, "summary.json"), "w") as f:

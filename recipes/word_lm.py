@@ -34,12 +34,12 @@ def write_lexicon(words, tokenizer, path):
     with open(path, "w") as f:
         for word in sorted(words):
             ids = tokenizer.encode(word)
-            pieces = [tokenizer.id_to_piece(i) for i in ids]
-            if len(pieces) > 1 and pieces[0] == WORD_START:
-                pieces = pieces[1:]
             if not ids or tokenizer.unk_id() in ids:
                 skipped += 1
                 continue
+            pieces = [tokenizer.id_to_piece(i) for i in ids]
+            if len(pieces) > 1 and pieces[0] == WORD_START:
+                pieces = pieces[1:]
             f.write(word + " " + " ".join(pieces) + "\n")
     return skipped
 
@@ -140,6 +140,16 @@ def build_word_lm(sentences, tokenizer, folder, order=3):
     with open(os.path.join(folder, ARPA), "w") as f:
         f.write(build_arpa(sentences, order))
     return len(words), skipped
+
+
+def add_word_lm(model_dir, csv_paths, order=3, column="wrd"):
+    """build_word_lm into an exported folder, spelled with its tokenizer.ckpt, from the
+    transcripts of CSV manifests; returns (words, words skipped, sentences)."""
+    import sentencepiece as spm
+
+    tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.ckpt"))
+    sentences = [s for path in csv_paths for s in read_transcripts(path, column)]
+    return (*build_word_lm(sentences, tokenizer, model_dir, order), len(sentences))
 
 
 class LexiconDecoder:

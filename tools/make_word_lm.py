@@ -27,20 +27,15 @@ def main(argv=None):
     p.add_argument("--column", default="wrd", help="transcript column of the CSVs (wrd)")
     args = p.parse_args(argv)
 
-    import sentencepiece as spm
-
     from recipes.transcriber import model_kind
-    from recipes.word_lm import build_word_lm, read_transcripts
+    from recipes.word_lm import add_word_lm
 
     if model_kind(args.model_dir) != "CTC":
         raise RecipeError(f"{args.model_dir} holds an S2S model: the word LM is for CTC models "
                           "(S2S models decode with their exported token LM)")
-    tokenizer = spm.SentencePieceProcessor(
-        model_file=os.path.join(args.model_dir, "tokenizer.ckpt"))
-    sentences = [s for path in args.csv for s in read_transcripts(path, args.column)]
-    n_words, skipped = build_word_lm(sentences, tokenizer, args.model_dir, args.order)
+    n_words, skipped, n_sentences = add_word_lm(args.model_dir, args.csv, args.order, args.column)
     print(f"{args.model_dir}: lexicon of {n_words - skipped} words ({skipped} not spellable with "
-          f"the tokenizer left out), {args.order}-gram LM of {len(sentences)} sentences")
+          f"the tokenizer left out), {args.order}-gram LM of {n_sentences} sentences")
 
 
 if __name__ == "__main__":
