@@ -21,9 +21,9 @@ demo: venv
 	$(BIN)/python demo.py $(DEMO_ARGS)
 
 bench: venv
-	$(BIN)/python benchmarks/bench_scan.py --quick
-	$(BIN)/python benchmarks/bench_models.py --quick
-	$(BIN)/python benchmarks/bench_rtf.py --quick
+	$(BIN)/python -m benchmarks.bench_scan --quick
+	$(BIN)/python -m benchmarks.bench_models --quick
+	$(BIN)/python -m benchmarks.bench_rtf --quick
 
 clean:
 	rm -rf $(VENV) results demo_results

@@ -134,7 +134,7 @@ def try_add_word_lm(inference_folder, train_csv):
         print("flashlight-text is not installed (pip install -r requirements-lm.txt): "
               "skipping word-LM decoding", flush=True)
         return False
-    from recipes.word_lm import add_word_lm
+    from inference.word_lm import add_word_lm
 
     add_word_lm(inference_folder, [train_csv])
     return True
@@ -153,8 +153,7 @@ def error_rates(asr, rows, corpus):
 
 
 def load_transcriber(inference_folder, device):
-    sys.path.insert(0, REPO)
-    from recipes.transcriber import Transcriber
+    from inference import Transcriber
 
     return Transcriber.from_folder(inference_folder, device=device,
                                    savedir=os.path.join(os.path.dirname(inference_folder),

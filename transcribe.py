@@ -35,7 +35,7 @@ def parse_args(argv):
                              "S2S: beam width (default: the model's test_beam_size)")
     parser.add_argument("--no-lm", action="store_true",
                         help="decode without the folder's language model (S2S: lm.ckpt; CTC: "
-                             "lexicon.txt + word_lm.arpa from tools/make_word_lm.py)")
+                             "lexicon.txt + word_lm.arpa from `python -m tools.make_word_lm`)")
     parser.add_argument("--lm-weight", type=float, default=2.0,
                         help="CTC word LM: weight of the LM log-probability (2.0, best on the "
                              "bundled corpus' valid split)")
@@ -64,7 +64,7 @@ def main(argv):
     args = parse_args(argv)
     set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
 
-    from recipes.transcriber import Transcriber, check_audio, model_kind
+    from inference.transcriber import Transcriber, check_audio, model_kind
 
     model_kind(args.model_dir)  # fail fast: check the folder and every file before loading
     for path in args.audio:

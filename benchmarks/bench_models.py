@@ -1,9 +1,9 @@
 """ConMamba vs Conformer encoders, and the Mamba decoder's beam-search step, on CPU.
 
-    python benchmarks/bench_models.py           # full grid (minutes; rows that would exceed
+    python -m benchmarks.bench_models           # full grid (minutes; rows that would exceed
                                                 # --max-mem-gb / --max-run-s are skipped)
-    python benchmarks/bench_models.py --quick   # small encoders, 10/30/300 s, short decoder sweep
-    python benchmarks/bench_models.py --threads 1   # on a machine shared with other jobs
+    python -m benchmarks.bench_models --quick   # small encoders, 10/30/300 s, short decoder sweep
+    python -m benchmarks.bench_models --threads 1   # on a machine shared with other jobs
 
 Encoders: the official S2S small (d_model 144, 12 layers) and large (d_model 512, 12 layers) dims,
 TransformerASR.encode() on (batch, frames, 640) inputs, i.e. what follows the CNN front end:
@@ -38,10 +38,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speechbrain.nnet.linear import Linear  # noqa: E402
+from speechbrain.nnet.linear import Linear
 
-from modules.TransformerASR import TransformerASR, count_parameters  # noqa: E402
+from modules.TransformerASR import TransformerASR, count_parameters
 
 FRAMES_PER_SECOND = 25  # 100 feature frames/s, /4 after the CNN front end
 SMALL = dict(d_model=144, nhead=4, num_encoder_layers=12, d_ffn=1024)
@@ -435,7 +434,7 @@ def main():
         # Large blocks from mmap go back to the OS when freed, so each run's peak RSS is its own
         # (otherwise glibc reuses pages a previous run left resident and the peak reads 0).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_models", *sys.argv[1:]], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

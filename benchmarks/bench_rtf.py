@@ -1,10 +1,10 @@
 """Real-time factor (processing time / audio duration) of transcription on CPU.
 
-    python benchmarks/bench_rtf.py                    # 10, 60 and 600 s of audio, all models
-    python benchmarks/bench_rtf.py --quick            # 10 and 60 s
-    python benchmarks/bench_rtf.py --demo-model results/CTC/demo/7775/inference   # + a trained one
+    python -m benchmarks.bench_rtf                    # 10, 60 and 600 s of audio, all models
+    python -m benchmarks.bench_rtf --quick            # 10 and 60 s
+    python -m benchmarks.bench_rtf --demo-model results/CTC/demo/7775/inference   # + a trained one
 
-What is timed: Transcriber.transcribe_files([one 16 kHz WAV]) of recipes.transcriber, i.e. reading,
+What is timed: Transcriber.transcribe_files([one 16 kHz WAV]) of inference.transcriber, i.e. reading,
 features, encoder, decoding and (beyond --chunk-seconds) chunking + merging; after a warm-up call
 on 2 s. Median of 3 runs for audio up to 10 s (one when a run takes over 10 s), else one run.
 Each (model, duration) row runs in its own process with torch.set_num_threads(--threads).
@@ -32,8 +32,6 @@ or noise. The machine load (os.getloadavg) is printed: other processes on the co
 """
 
 import argparse
-import csv
-import glob
 import json
 import os
 import subprocess
@@ -41,77 +39,16 @@ import sys
 import tempfile
 import time
 
+from recipes.untrained import SAMPLE_RATE, export_untrained, speech_like
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-SENTENCES = os.path.join(REPO, "data", "mini_corpus", "sentences.txt")
-SAMPLE_RATE = 16000
-
-
-def speech_like(seconds, seed=0):
-    """float32 (samples,) at 16 kHz: bundled corpus speech looped to `seconds`, else noise."""
-    import numpy as np
-    import soundfile
-
-    files = sorted(glob.glob(os.path.join(REPO, "data", "mini_corpus", "audio", "*", "*.*")))
-    need = int(seconds * SAMPLE_RATE)
-    pieces, total = [], 0
-    for path in files[:400]:
-        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
-        if sr != SAMPLE_RATE:
-            continue
-        pieces.append(audio.mean(axis=1))
-        total += len(pieces[-1])
-        if total >= need:
-            break
-    if not pieces:
-        rng = np.random.default_rng(seed)
-        return (0.1 * rng.standard_normal(need)).astype("float32")
-    loop = np.concatenate(pieces)
-    return np.resize(loop, need).astype("float32")
-
-
-def export_untrained(recipe, kind, folder, overrides=None, n_sentences=10000):
-    """Exports a randomly initialised model of `recipe` ('CTC'|'S2S') as an inference folder.
-
-    The tokenizer is trained as the recipe does (SentencePiece, recipe's token type and
-    output_neurons) on the first n_sentences of data/mini_corpus/sentences.txt; the feature
-    normaliser gets its statistics from 20 s of speech_like audio. Returns the folder.
-    """
-    import torch
-
-    from recipes.export import export_inference_folder
-    from recipes.hparams import load_recipe
-    from recipes.tokenizer import train_tokenizer
-
-    os.makedirs(os.path.join(folder, "save"), exist_ok=True)
-    text_csv = os.path.join(folder, "sentences.csv")
-    with open(SENTENCES) as f:
-        lines = [line.strip() for line in f if line.strip()][:n_sentences]
-    with open(text_csv, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
-        writer.writerows([f"s{i}", 1.0, "unused.wav", "spk", line] for i, line in enumerate(lines))
-    values = {"output_folder": folder, "train_csv": text_csv, "skip_prep": True,
-              "data_folder": folder}
-    if kind == "S2S":
-        values["no_lm"] = True
-    hparams, _, _ = load_recipe(recipe, {**values, **(overrides or {})}, "cpu")
-    _, tokenizer_file = train_tokenizer(hparams)
-    with torch.no_grad():
-        wav = torch.from_numpy(speech_like(20.0)).unsqueeze(0)
-        hparams["normalize"].train()
-        hparams["normalize"](hparams["compute_features"](wav), torch.ones(1), epoch=0)
-    return export_inference_folder(hparams, kind, tokenizer_file)
-
 
 def measure(folder, wav_path, options, threads):
     """One row, in this process: {'rtf', 'seconds', 'chunks', 'loaded_mb', 'peak_mb', ...}."""
     import soundfile
     import torch
 
-    from recipes.transcriber import Transcriber
+    from inference.transcriber import Transcriber
 
     torch.set_num_threads(threads)
     asr = Transcriber.from_folder(folder, device="cpu", **options)
@@ -219,7 +156,7 @@ def main():
                                  overrides)
         for seconds in (durations if kind == "CTC" else s2s_durations):
             row = json.dumps({"folder": folder, "wav": wavs[seconds], "options": options})
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", row,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_rtf", "--row", row,
                                    "--threads", str(args.threads)],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode:

@@ -1,9 +1,9 @@
 r"""Selective-scan benchmark on CPU: sequential reference vs the fast pure-PyTorch scan vs mambapy.
 
-    python benchmarks/bench_scan.py            # full grid (long: the reference at L=3000)
-    python benchmarks/bench_scan.py --quick    # only the rows the targets are about
+    python -m benchmarks.bench_scan            # full grid (long: the reference at L=3000)
+    python -m benchmarks.bench_scan --quick    # only the rows the targets are about
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \
-        python benchmarks/bench_scan.py         # with glibc's allocator kept from returning memory
+        python -m benchmarks.bench_scan         # with glibc's allocator kept from returning memory
 
 All implementations compute out = (scan + D u) * silu(z), delta = softplus(delta + bias), float32.
 - ref-unbind: ``selective_scan_ref``, the project's sequential reference, one step per frame;
@@ -36,13 +36,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modules.mamba import selective_scan_ref, selective_scan_torch  # noqa: E402
+from modules.mamba import selective_scan_ref, selective_scan_torch
 
 try:
     from mambapy.pscan import pscan
@@ -174,7 +172,7 @@ def measure_memory(impl, mode, batch, d_inner, d_state, length):
 
 
 def memory_in_subprocess(impl, mode, batch, d_inner, d_state, length, threads):
-    cmd = [sys.executable, __file__, "--measure-memory",
+    cmd = [sys.executable, "-m", "benchmarks.bench_scan", "--measure-memory",
            json.dumps([impl, mode, batch, d_inner, d_state, length]), "--threads", str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

@@ -2,8 +2,9 @@
 
 A subclass of ``speechbrain.lobes.models.transformer.TransformerASR.TransformerASR``: SpeechBrain
 builds the positional encodings, the front linear layer and its own encoders/decoder; the Mamba
-modules of ``modules.Conmamba`` are swapped in. forward / encode / decode are SpeechBrain's, so its
-beam searchers, scorers and inference classes work unchanged. With the official dimensions the
+modules (``modules.Conmamba``, ``modules.mamba_encoder``, ``modules.mamba_decoder``) are swapped
+in. forward / encode / decode are SpeechBrain's, so its beam searchers, scorers and inference
+classes work unchanged. With the official dimensions the
 state_dict has exactly the official xi-j/Mamba-ASR key names, shapes and order.
 
 Deliberate difference from the official code: after SpeechBrain's xavier initialisation of every
@@ -21,14 +22,11 @@ from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR a
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.containers import ModuleList
 
-from modules.Conmamba import (
-    ConmambaEncoder,
-    MambaDecoder,
-    MambaDecoderState,
-    MambaEncoder,
-    check_mamba_config,
-)
+from modules.Conmamba import ConmambaEncoder
 from modules.mamba import reset_mamba_parameters
+from modules.mamba.config import check_mamba_config
+from modules.mamba_decoder import MambaDecoder, MambaDecoderState
+from modules.mamba_encoder import MambaEncoder
 
 SPEECHBRAIN_ENCODERS = ("transformer", "conformer", "branchformer")
 MAMBA_ENCODERS = ("conmamba", "mamba")

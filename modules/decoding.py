@@ -12,7 +12,7 @@ import torch
 
 from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 
-from modules.Conmamba import MambaDecoderState
+from modules.mamba_decoder import MambaDecoderState
 
 
 class S2SMambaBeamSearcher(S2STransformerBeamSearcher):

@@ -54,7 +54,7 @@ def setup(argv, kind, mps_note=None):
         logger.info(line)
 
     if not hparams["skip_prep"]:
-        from librispeech_prepare import prepare_librispeech
+        from recipes.librispeech import prepare_librispeech
 
         run_on_main(prepare_librispeech, kwargs={
             "data_folder": hparams["data_folder"],

@@ -1,13 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # The machine running CI has 2 cores; parallel BLAS threads only add contention in small tests.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))

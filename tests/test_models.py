@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.nnet.linear import Linear
 
-from modules.Conmamba import MAMBA_DEFAULTS, pack_memory_target
+from modules.mamba.config import MAMBA_DEFAULTS
+from modules.mamba_decoder import pack_memory_target
 from modules.TransformerASR import TransformerASR, count_parameters
 
 OFFICIAL = Path(__file__).parent / "data" / "official_state_dict"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from librispeech_prepare import PrepareError, prepare_librispeech
+from recipes.librispeech import PrepareError, prepare_librispeech
 from recipes.data import AudioError, ManifestError, load_audio, read_manifest
 
 SR = 16000

@@ -1,7 +1,7 @@
-"""recipes.transcriber (Python API) and transcribe.py (CLI) on tiny exported models.
+"""inference.transcriber (Python API) and transcribe.py (CLI) on tiny exported models.
 
 The models are the tiny CTC / S2S recipes with random weights, exported once per module by
-benchmarks/bench_rtf.export_untrained (seconds; training them would not make the assertions
+recipes.untrained.export_untrained (seconds; training them would not make the assertions
 stronger: a briefly trained tiny model mostly emits blanks). Random models react to tiny input
 changes, so transcripts are compared only where the inputs are meant to be identical; resampling
 is checked on the waveform.
@@ -20,12 +20,9 @@ import torchaudio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-
-from bench_rtf import export_untrained  # noqa: E402
-from recipes.transcriber import (  # noqa: E402
-    Transcriber, TranscriberError, chunk_bounds, merge_words)
-import transcribe  # noqa: E402
+import transcribe
+from inference.transcriber import Transcriber, TranscriberError, chunk_bounds, merge_words
+from recipes.untrained import export_untrained
 
 SR = 16000
 

@@ -5,13 +5,12 @@ import collections
 import math
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
 from recipes import RecipeError
-from recipes.word_lm import (ARPA, LEXICON, build_arpa, build_word_lm, read_transcripts,
+from inference.word_lm import (ARPA, LEXICON, build_arpa, build_word_lm, read_transcripts,
                              write_lexicon)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +103,7 @@ def _emissions(tokenizer, text, sharp=8.0):
 
 def test_lexicon_decoder_outputs_lexicon_words(char_tokenizer, tmp_path):
     pytest.importorskip("flashlight.lib.text")
-    from recipes.word_lm import LexiconDecoder
+    from inference.word_lm import LexiconDecoder
 
     build_word_lm(SENTENCES, char_tokenizer, tmp_path)
     decode = LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=20)
@@ -120,9 +119,9 @@ def test_lexicon_decoder_outputs_lexicon_words(char_tokenizer, tmp_path):
 
 def test_lexicon_decoder_needs_the_files(char_tokenizer, tmp_path):
     pytest.importorskip("flashlight.lib.text")
-    from recipes.word_lm import LexiconDecoder
+    from inference.word_lm import LexiconDecoder
 
-    with pytest.raises(RecipeError, match="make_word_lm.py"):
+    with pytest.raises(RecipeError, match="tools.make_word_lm"):
         LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0)
 
 
@@ -141,8 +140,7 @@ def test_read_transcripts_errors(tmp_path):
 @pytest.fixture(scope="module")
 def ctc_with_lm(tmp_path_factory):
     pytest.importorskip("flashlight.lib.text")
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from bench_rtf import export_untrained
+    from recipes.untrained import export_untrained
 
     folder = export_untrained(os.path.join(REPO, "hparams/CTC/tiny.yaml"), "CTC",
                               str(tmp_path_factory.mktemp("ctc_lm")), n_sentences=2000)
@@ -155,7 +153,7 @@ def ctc_with_lm(tmp_path_factory):
 
 
 def test_transcriber_decodes_with_the_folders_word_lm(ctc_with_lm):
-    from recipes.transcriber import Transcriber, TranscriberError
+    from inference.transcriber import Transcriber, TranscriberError
 
     folder, plain = ctc_with_lm
     assert os.path.isfile(os.path.join(folder, LEXICON))
@@ -170,7 +168,7 @@ def test_transcriber_decodes_with_the_folders_word_lm(ctc_with_lm):
     assert without.word_lm is None
     assert without.transcribe_waveform(wav, 16000) == \
         Transcriber.from_folder(plain, device="cpu").transcribe_waveform(wav, 16000)
-    with pytest.raises(TranscriberError, match="make_word_lm.py"):
+    with pytest.raises(TranscriberError, match="tools.make_word_lm"):
         Transcriber.from_folder(plain, device="cpu", use_lm=True)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Adds a lexicon and a word n-gram LM to an exported CTC model folder; transcribe.py and
-recipes.transcriber.Transcriber then decode with them (lexicon words only, LM-weighted).
+inference.transcriber.Transcriber then decode with them (lexicon words only, LM-weighted).
 
-    python tools/make_word_lm.py demo_results/inference data/mini_corpus/train.csv
-    python tools/make_word_lm.py MODEL_DIR train.csv other.csv --order 4
+    python -m tools.make_word_lm demo_results/inference data/mini_corpus/train.csv
+    python -m tools.make_word_lm MODEL_DIR train.csv other.csv --order 4
 
 Writes MODEL_DIR/lexicon.txt (every transcript word spelled with the model's tokenizer) and
 MODEL_DIR/word_lm.arpa (back-off n-gram model of the transcripts). Needs flashlight-text at
@@ -11,12 +11,9 @@ decoding time (pip install -r requirements-lm.txt).
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recipes import RecipeError  # noqa: E402
+from recipes import RecipeError
 
 
 def main(argv=None):
@@ -27,8 +24,8 @@ def main(argv=None):
     p.add_argument("--column", default="wrd", help="transcript column of the CSVs (wrd)")
     args = p.parse_args(argv)
 
-    from recipes.transcriber import model_kind
-    from recipes.word_lm import add_word_lm
+    from inference.transcriber import model_kind
+    from inference.word_lm import add_word_lm
 
     if model_kind(args.model_dir) != "CTC":
         raise RecipeError(f"{args.model_dir} holds an S2S model: the word LM is for CTC models "

@@ -1,6 +1,6 @@
 """Lexicon-constrained CTC decoding with a word n-gram LM (torchaudio's flashlight decoder).
 
-    python tools/make_word_lm.py MODEL_DIR data/mini_corpus/train.csv   # writes the two files
+    python -m tools.make_word_lm MODEL_DIR data/mini_corpus/train.csv   # writes the two files
     Transcriber.from_folder(MODEL_DIR)                                  # then uses them
 
 An exported CTC folder may hold ``lexicon.txt`` (each word spelled with the model's tokenizer
@@ -166,7 +166,7 @@ class LexiconDecoder:
                               "requirements-lm.txt (or decode without the word LM)") from err
         if not has_word_lm(folder):
             raise RecipeError(f"{folder} has no {LEXICON} and {ARPA}; make them with "
-                              "tools/make_word_lm.py MODEL_DIR TRAIN_CSV")
+                              "`python -m tools.make_word_lm` MODEL_DIR TRAIN_CSV")
         tokens = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
         self.decoder = ctc_decoder(
             lexicon=os.path.join(folder, LEXICON), tokens=tokens,

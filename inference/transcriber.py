@@ -1,14 +1,14 @@
 """Transcription with an exported model folder (recipes.export: <output_folder>/inference).
 
-    from recipes.transcriber import Transcriber
+    from inference import Transcriber
     asr = Transcriber.from_folder("results/CTC/demo/7775/inference", device="cpu")
     asr.transcribe_files(["a.wav", "b.flac"])        # -> ["TRANSCRIPT A", "TRANSCRIPT B"]
     asr.transcribe_waveform(wav, sample_rate=44100)  # wav (samples,) or 2-D with channels
 
 Decoding is SpeechBrain's: EncoderASR (CTC: greedy by default, prefix beam search with
 beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the exported LM).
-A CTC folder with a lexicon and word LM (tools/make_word_lm.py) is decoded with them instead
-(recipes.word_lm: lexicon-constrained beam search).
+A CTC folder with a lexicon and word LM (`python -m tools.make_word_lm`) is decoded with them
+instead (inference.word_lm: lexicon-constrained beam search).
 Any sample rate is resampled to the model's and channels are averaged. Audio longer than
 chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
 batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
@@ -18,18 +18,12 @@ import difflib
 import functools
 import math
 import os
-import sys
 
 import soundfile
 import torch
 import torchaudio
 
 from recipes import RecipeError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # the exported YAML builds modules.TransformerASR
-    sys.path.insert(0, REPO_ROOT)
-
 
 class TranscriberError(RecipeError):
     """A model folder or an audio file that cannot be used; the message says which and why."""
@@ -153,7 +147,7 @@ class Transcriber:
         self.sample_rate = int(asr.hparams.sample_rate)
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
         self.batch_size = batch_size
-        self.word_lm = word_lm  # recipes.word_lm.LexiconDecoder for CTC models, or None
+        self.word_lm = word_lm  # inference.word_lm.LexiconDecoder for CTC models, or None
         self.last_chunks = []  # chunk (start, end) sample ranges of each file of the last call
 
     @classmethod
@@ -179,7 +173,7 @@ class Transcriber:
         **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
-        from recipes.word_lm import LexiconDecoder, has_word_lm
+        from inference.word_lm import LexiconDecoder, has_word_lm
         from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
         model_dir = os.path.abspath(model_dir)
@@ -189,7 +183,7 @@ class Transcriber:
                                    "ctc_partial options are for S2S models")
         if kind == "CTC":
             has_lm = has_word_lm(model_dir)
-            missing = ("lexicon.txt and word_lm.arpa (make them with tools/make_word_lm.py "
+            missing = ("lexicon.txt and word_lm.arpa (make them with `python -m tools.make_word_lm` "
                        "MODEL_DIR TRAIN_CSV)")
         else:
             has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
