@@ -74,12 +74,21 @@ def test_ids_unique_and_transcripts_clean(rows):
             assert re.fullmatch(r"[A-Z']+( [A-Z']+)*", r["wrd"]), (split, r["ID"])
 
 
-def test_synthetic_rows_use_espeak_voices(rows):
+SPK_RE = re.compile(r"espeak:en(-[a-z0-9]+)*\+[mf]\d|flite:(awb|rms|slt|kal16)"
+                    r"|festival:(kal_diphone|cmu_us_slt_arctic_hts)")
+
+
+def test_synthetic_rows_name_engine_and_voice(rows):
     for split in ["train", "valid", "test"]:
         for r in rows[split]:
-            assert re.fullmatch(r"en(-[a-z0-9]+)*\+[mf]\d", r["spk_id"]), r["spk_id"]
+            assert SPK_RE.fullmatch(r["spk_id"]), r["spk_id"]
             assert len(r["wrd"].split()) <= 12
-    assert len({r["spk_id"].split("+")[0] for r in rows["train"]}) == 8
+    engines = {r["spk_id"].split(":")[0] for r in rows["train"]}
+    assert engines == {"espeak", "flite", "festival"}
+    espeak = {r["spk_id"].split(":")[1].split("+")[0] for r in rows["train"]
+              if r["spk_id"].startswith("espeak:")}
+    assert len(espeak) == 8
+    assert len({r["spk_id"] for r in rows["train"] if not r["spk_id"].startswith("espeak")}) == 6
 
 
 def test_no_sentence_shared_between_splits(rows):
@@ -89,10 +98,15 @@ def test_no_sentence_shared_between_splits(rows):
     assert not sets["valid"] & sets["test"]
 
 
-def test_test_words_occur_in_train(rows):
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_held_out_words_mostly_occur_in_train(rows, split):
+    """A realistic share of new words (a few percent of tokens, at most 2 per sentence): a word
+    LM built from the training text cannot simply list the test words."""
     vocab = {w for r in rows["train"] for w in r["wrd"].split()}
-    test_words = [w for r in rows["test"] for w in r["wrd"].split()]
-    assert sum(w not in vocab for w in test_words) / len(test_words) <= 0.02
+    per_sentence = [sum(w not in vocab for w in r["wrd"].split()) for r in rows[split]]
+    tokens = sum(len(r["wrd"].split()) for r in rows[split])
+    assert max(per_sentence) <= 2
+    assert 0.015 <= sum(per_sentence) / tokens <= 0.05
 
 
 def test_sentences_come_from_bundled_list(rows):
@@ -137,11 +151,51 @@ def test_missing_espeak_gives_clear_error(tmp_path):
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode != 0
     assert "espeak-ng" in result.stderr and "apt-get install espeak-ng" in result.stderr
+    assert "flite" in result.stderr and "text2wave" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-                    reason="espeak-ng and sox not installed")
+def test_split_sentences_reaches_the_oov_rate():
+    import random
+
+    mc = load_script()
+    words = random.Random(1)
+    clean = [" ".join(f"W{words.randrange(6)}" for _ in range(4)) + f" W{i}" for i in range(6)]
+    clean += [" ".join(f"W{words.randrange(6)}" for _ in range(5)) for _ in range(400)]
+    new_word = [f"W{i % 6} NEW{i} W{(i + 1) % 6} W{(i + 2) % 6} W{i % 4}" for i in range(100)]
+    pool = sorted(set(clean)) + new_word
+    splits = mc.split_sentences(pool, 100, 30, 60, 1, random.Random(0), oov_rate=0.05)
+    vocab = {w for s in splits["train"] for w in s.split()}
+    for split in ("valid", "test"):
+        words = [w for s in splits[split] for w in s.split()]
+        assert 0.03 <= sum(w not in vocab for w in words) / len(words) <= 0.07, split
+        assert not set(splits[split]) & set(splits["train"])
+    assert not set(splits["valid"]) & set(splits["test"])
+
+
+def test_engine_options_are_checked():
+    mc = load_script()
+    assert mc.parse_engine_weights("espeak:2,flite") == {"espeak": 2.0, "flite": 1.0}
+    with pytest.raises(mc.CorpusError, match="unknown engine 'say'"):
+        mc.parse_engine_weights("espeak,say")
+    with pytest.raises(mc.CorpusError, match=r"text2wave \(engine festival\): apt-get install "
+                                             "festival"):
+        mc.check_tools({"festival": 1.0}, which=lambda prog: None if prog == "text2wave" else prog)
+
+
+def test_noise_has_the_requested_snr():
+    import numpy as np
+
+    mc = load_script()
+    speech = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    noisy = mc.add_noise(speech, 20.0, seed=7)
+    snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
+    assert abs(snr - 20.0) < 0.3 and noisy.dtype == np.float32
+    assert np.array_equal(noisy, mc.add_noise(speech, 20.0, seed=7))
+
+
+@pytest.mark.skipif(any(shutil.which(p) is None for p in ("espeak-ng", "flite", "text2wave", "sox")),
+                    reason="espeak-ng, flite, festival or sox not installed")
 def test_end_to_end_two_sentences_reproducible(tmp_path):
     sentences = tmp_path / "s.txt"
     sentences.write_text("THE CAT SAT ON THE MAT\nTHE DOG SAT ON THE CAT\n")

@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
-"""Synthesize a small English ASR corpus with espeak-ng (16 kHz mono).
+"""Synthesize a small English ASR corpus with espeak-ng, flite and festival (16 kHz mono).
 
 Writes ``{out}/{train,valid,test}.csv`` (header ``ID,duration,wav,spk_id,wrd``, ``wav``
-relative to ``out``) and the audio under ``{out}/audio/{split}/``. Sentences are split so
-that no sentence occurs in two splits; valid/test sentences are drawn from sentences whose
-words (all but ``--max-oov`` of them) occur in the train split. Each utterance gets a random
-voice+variant, speed and pitch from a generator seeded by ``--seed``, so a run is
+relative to ``out``) and the audio under ``{out}/audio/{split}/``. Sentences are split so that
+no sentence occurs in two splits. Valid and test sentences are new sentences whose words mostly
+occur in train: each has at most ``--max-oov`` words that train lacks, and they are drawn so
+that the share of such word tokens is about ``--oov-rate`` (a few percent, as in real use).
+Each utterance gets a random engine, voice, speed, pitch and mild augmentation (tempo, pitch
+shift, reverberation, background noise) from a generator seeded by ``--seed``, so a run is
 reproducible (audio identical up to the Ogg stream serial numbers). The real recordings of
 ``--real-csv`` (default: the bundled ones) are copied as an extra ``real`` test set.
 
+Engines (``--engines``; Debian packages in brackets):
+- espeak: espeak-ng formant voices, 8 English accents x 12 variants [espeak-ng]
+- flite: CMU Flite voices built from recordings of real speakers: awb, rms, slt, kal16 [flite]
+- festival: festival's kal_diphone and the HTS voice cmu_us_slt_arctic_hts
+  [festival festvox-kallpc16k festvox-us-slt-hts]
+sox does the resampling and the effects [sox].
+
 Example (the bundled corpus):
-    python tools/make_corpus.py --out data/mini_corpus \
-        --real-csv ../shared/data/real_speech/real_speech.csv
+    python -m tools.make_corpus --out data/mini_corpus --overwrite
 A bigger corpus:
-    python tools/make_corpus.py --out corpus_big --n-train 8000 --max-words 16 --max-oov 1
+    python -m tools.make_corpus --out corpus_big --n-train 8000 --max-words 16
 """
 
 import argparse
@@ -34,9 +42,19 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SENTENCES = REPO / "data" / "mini_corpus" / "sentences.txt"
 DEFAULT_REAL_CSV = REPO / "data" / "mini_corpus" / "real.csv"
-VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-us-nyc",
-          "en-gb-x-gbcwmd", "en-gb-x-gbclan"]
-VARIANTS = [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)]
+ESPEAK_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-us-nyc",
+                 "en-gb-x-gbcwmd", "en-gb-x-gbclan"]
+ESPEAK_VARIANTS = [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)]
+FLITE_VOICES = ["awb", "rms", "slt", "kal16"]
+FESTIVAL_VOICES = ["kal_diphone", "cmu_us_slt_arctic_hts"]
+# engine -> (programs it runs, install hint)
+ENGINES = {
+    "espeak": (["espeak-ng"], "apt-get install espeak-ng (macOS: brew install espeak-ng)"),
+    "flite": (["flite"], "apt-get install flite (macOS: brew install flite)"),
+    "festival": (["text2wave"],
+                 "apt-get install festival festvox-kallpc16k festvox-us-slt-hts"),
+}
+DEFAULT_ENGINE_WEIGHTS = "espeak:0.5,flite:0.35,festival:0.15"
 # format name -> (file extension, soundfile format, soundfile subtype)
 FORMATS = {"ogg": ("ogg", "OGG", "OPUS"), "flac": ("flac", "FLAC", "PCM_16"),
            "wav": ("wav", "WAV", "PCM_16")}
@@ -46,15 +64,38 @@ HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 WORD_RE = re.compile(r"^[A-Z']+$")
 
 
-def check_tools():
-    """Exit with an actionable message if espeak-ng or sox is missing from PATH."""
-    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+class CorpusError(Exception):
+    """A missing tool or voice, or options that cannot be satisfied; the message says what to do."""
+
+
+def parse_engine_weights(text):
+    """'espeak:0.5,flite:0.5' -> {'espeak': 0.5, 'flite': 0.5} (weights need not sum to 1)."""
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition(":")
+        name = name.strip()
+        if name not in ENGINES:
+            raise CorpusError(f"--engines: unknown engine {name!r}; choose from "
+                              f"{', '.join(ENGINES)} (e.g. {DEFAULT_ENGINE_WEIGHTS})")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise CorpusError(f"--engines: weight of {name} must be a number, got {value!r}")
+    if not weights or sum(weights.values()) <= 0:
+        raise CorpusError("--engines: give at least one engine with a positive weight")
+    return weights
+
+
+def check_tools(engines, which=shutil.which):
+    """Raise CorpusError naming every missing program of the requested engines (and sox) with
+    the command that installs it."""
+    missing = [] if which("sox") else [("sox", "apt-get install sox (macOS: brew install sox)")]
+    for engine in engines:
+        programs, hint = ENGINES[engine]
+        missing += [(f"{prog} (engine {engine})", hint) for prog in programs if not which(prog)]
     if missing:
-        sys.exit(
-            f"error: {' and '.join(missing)} not found on PATH; make_corpus.py needs both.\n"
-            "  Debian/Ubuntu: sudo apt-get install espeak-ng sox\n"
-            "  macOS:         brew install espeak-ng sox"
-        )
+        raise CorpusError("missing on PATH: " + "; ".join(
+            f"{name}: {hint}" for name, hint in missing))
 
 
 def read_sentences(path, min_words, max_words):
@@ -78,11 +119,13 @@ def read_sentences(path, min_words, max_words):
     return out
 
 
-def split_sentences(sentences, n_train, n_valid, n_test, max_oov, rng):
+def split_sentences(sentences, n_train, n_valid, n_test, max_oov, rng, oov_rate=0.0):
     """Shuffle and split into disjoint train/valid/test sentence lists.
 
-    Train takes the first ``n_train`` shuffled sentences; valid and test take, in order, the
-    remaining sentences with at most ``max_oov`` words unseen in train.
+    Train takes the first ``n_train`` shuffled sentences. Valid, then test, take remaining
+    sentences with at most ``max_oov`` words unseen in train: a sentence with unseen words is
+    taken while the split's share of unseen word tokens is below ``oov_rate``, one without
+    while it is not, so each held-out split ends near ``oov_rate``.
     """
     pool = list(sentences)
     rng.shuffle(pool)
@@ -90,30 +133,115 @@ def split_sentences(sentences, n_train, n_valid, n_test, max_oov, rng):
     if len(train) < n_train:
         raise ValueError(f"only {len(pool)} sentences in the word range, --n-train is {n_train}")
     vocab = {w for s in train for w in s.split()}
-    held_out = [s for s in pool[n_train:] if sum(w not in vocab for w in s.split()) <= max_oov]
-    if len(held_out) < n_valid + n_test:
-        raise ValueError(
-            f"only {len(held_out)} held-out sentences have <= {max_oov} out-of-vocabulary words, "
-            f"need {n_valid + n_test}; lower --n-train/--n-valid/--n-test or raise --max-oov")
-    return {"train": train, "valid": held_out[:n_valid],
-            "test": held_out[n_valid:n_valid + n_test]}
+    candidates = [(s, sum(w not in vocab for w in s.split())) for s in pool[n_train:]]
+    candidates = [(s, oov) for s, oov in candidates if oov <= max_oov]
+    used, held = set(), {}
+    for split, count in (("valid", n_valid), ("test", n_test)):
+        chosen, tokens, unseen = [], 0, 0
+        for sentence, oov in candidates:
+            if len(chosen) == count:
+                break
+            if sentence in used or (oov > 0) != (unseen < oov_rate * max(tokens, 1)):
+                continue
+            chosen.append(sentence)
+            used.add(sentence)
+            tokens += len(sentence.split())
+            unseen += oov
+        if len(chosen) < count:
+            raise ValueError(
+                f"only {len(chosen)} held-out sentences for {split} with <= {max_oov} "
+                f"out-of-vocabulary words at an OOV rate of {oov_rate:.0%}, need {count}; lower "
+                "--n-train/--n-valid/--n-test or raise --max-oov")
+        held[split] = chosen
+    return {"train": train, **held}
 
 
-def plan_utterances(splits, voices, variants, speed, pitch, rng):
-    """One job dict per utterance: ID, split, text, voice, speed, pitch (all drawn here, in
-    one process, so the corpus does not depend on the number of workers)."""
+def plan_utterances(splits, engine_weights, speed, pitch, rng, noise_prob=0.0, reverb_prob=0.0):
+    """One job dict per utterance: ID, split, text, engine, voice, speaking rate and pitch, and
+    augmentation (sox tempo factor and pitch shift for flite/festival, reverberance, noise SNR
+    and seed). Everything is drawn here, in one process, so the corpus does not depend on the
+    number of workers."""
+    engines = list(engine_weights)
+    weights = [engine_weights[e] for e in engines]
     jobs = []
     for split, sentences in splits.items():
         for i, text in enumerate(sentences, 1):
-            jobs.append({
-                "ID": f"{SPLIT_PREFIX[split]}_{i:05d}", "split": split, "wrd": text,
-                "voice": f"{rng.choice(voices)}+{rng.choice(variants)}",
-                "speed": rng.randint(*speed), "pitch": rng.randint(*pitch)})
+            engine = rng.choices(engines, weights)[0]
+            job = {"ID": f"{SPLIT_PREFIX[split]}_{i:05d}", "split": split, "wrd": text,
+                   "engine": engine, "tempo": 1.0, "cents": 0, "speed": None, "pitch": None}
+            if engine == "espeak":
+                job["voice"] = f"{rng.choice(ESPEAK_VOICES)}+{rng.choice(ESPEAK_VARIANTS)}"
+                job["speed"], job["pitch"] = rng.randint(*speed), rng.randint(*pitch)
+            else:  # voices of real speakers: vary them with sox instead
+                job["voice"] = rng.choice(FLITE_VOICES if engine == "flite" else FESTIVAL_VOICES)
+                job["tempo"] = round(rng.uniform(0.88, 1.15), 3)
+                job["cents"] = rng.randint(-250, 250)
+            job["reverb"] = rng.randint(10, 50) if rng.random() < reverb_prob else 0
+            job["snr_db"] = round(rng.uniform(15, 35), 1) if rng.random() < noise_prob else None
+            job["noise_seed"] = rng.randrange(2 ** 31)
+            jobs.append(job)
     return jobs
 
 
+def speak_command(job, raw, text_file):
+    """The engine's command writing ``job['wrd']`` to the WAV file ``raw``. Lower case: the
+    engines spell some all-capital words letter by letter."""
+    text = job["wrd"].lower()
+    if job["engine"] == "espeak":
+        return ["espeak-ng", "-v", job["voice"], "-s", str(job["speed"]), "-p",
+                str(job["pitch"]), "-w", str(raw), text]
+    if job["engine"] == "flite":
+        return ["flite", "-voice", job["voice"], "-t", text, "-o", str(raw)]
+    Path(text_file).write_text(text + "\n")
+    return ["text2wave", "-eval", f"(voice_{job['voice']})", str(text_file), "-o", str(raw)]
+
+
+def sox_effects(job):
+    """sox effects of the job's augmentation, applied before resampling to 16 kHz."""
+    effects = []
+    if job["tempo"] != 1.0:
+        effects += ["tempo", "-s", str(job["tempo"])]
+    if job["cents"]:
+        effects += ["pitch", str(job["cents"])]
+    if job["reverb"]:
+        effects += ["reverb", str(job["reverb"]), "50", "40"]
+    return effects
+
+
+def add_noise(audio, snr_db, seed):
+    """audio + white noise at ``snr_db`` dB below the speech power (same length, float32),
+    scaled down if the sum would clip."""
+    rng = np.random.default_rng(seed)
+    power = float(np.mean(audio ** 2)) or 1e-10
+    noisy = audio + rng.standard_normal(audio.shape).astype(np.float32) * np.sqrt(
+        power / 10 ** (snr_db / 10))
+    peak = np.abs(noisy).max()
+    return (noisy / peak * 0.99 if peak > 0.99 else noisy).astype(np.float32)
+
+
+def probe_voices(engine_weights, tmp_dir):
+    """Synthesizes one word with every voice of the requested engines; raises CorpusError
+    naming the voices that do not work and how to install them."""
+    broken = []
+    for engine in engine_weights:
+        voices = {"espeak": ESPEAK_VOICES, "flite": FLITE_VOICES,
+                  "festival": FESTIVAL_VOICES}[engine]
+        for voice in voices:
+            job = {"engine": engine, "voice": voice, "wrd": "HELLO", "speed": 170, "pitch": 50}
+            raw = Path(tmp_dir) / "probe.wav"
+            result = subprocess.run(speak_command(job, raw, Path(tmp_dir) / "probe.txt"),
+                                    capture_output=True, text=True)
+            if result.returncode != 0 or not raw.is_file() or raw.stat().st_size < 1000:
+                broken.append(f"{engine} voice {voice}")
+            raw.unlink(missing_ok=True)
+    if broken:
+        hints = {ENGINES[e][1] for e in engine_weights if any(b.startswith(e) for b in broken)}
+        raise CorpusError(f"these voices do not synthesize: {', '.join(broken)}; install them "
+                          f"({'; '.join(sorted(hints))}) or leave their engine out of --engines")
+
+
 def trim_silence(audio, sr, threshold=0.01, lead=0.05, tail=0.15):
-    """Cut espeak-ng's leading/trailing silence (it ends each utterance with ~0.3 s),
+    """Cut the engines' leading/trailing silence (espeak-ng ends each utterance with ~0.3 s),
     keeping ``lead``/``tail`` seconds around the samples above ``threshold`` * peak."""
     loud = np.flatnonzero(np.abs(audio) > threshold * np.abs(audio).max())
     if loud.size == 0:
@@ -123,26 +251,30 @@ def trim_silence(audio, sr, threshold=0.01, lead=0.05, tail=0.15):
 
 
 def synthesize(job, out_dir, fmt, opus_level, tmp_dir):
-    """Speak ``job['wrd']`` with espeak-ng, resample to 16 kHz mono with sox, trim and write
-    ``out_dir/audio/{split}/{ID}.{ext}``. Returns the CSV row."""
+    """Speak ``job['wrd']`` with the job's engine, apply its sox effects, resample to 16 kHz
+    mono, trim, add its noise and write ``out_dir/audio/{split}/{ID}.{ext}``. Returns the CSV
+    row."""
     ext, sf_format, subtype = FORMATS[fmt]
-    raw = Path(tmp_dir) / f"{job['ID']}_22k.wav"
+    raw = Path(tmp_dir) / f"{job['ID']}_raw.wav"
     resampled = Path(tmp_dir) / f"{job['ID']}_16k.wav"
-    # Lower case: espeak-ng spells out some all-capital words letter by letter.
-    run(["espeak-ng", "-v", job["voice"], "-s", str(job["speed"]), "-p", str(job["pitch"]),
-          "-w", str(raw), job["wrd"].lower()])
+    text_file = Path(tmp_dir) / f"{job['ID']}.txt"
+    run(speak_command(job, raw, text_file))
     # -D: no dither, so the output (and the trimmed duration) is the same on every run.
     run(["sox", "-D", "-G", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16",
-         str(resampled)])
+         str(resampled), *sox_effects(job)])
     audio, sr = sf.read(resampled, dtype="float32")
-    raw.unlink()
-    resampled.unlink()
+    for path in (raw, resampled, text_file):
+        path.unlink(missing_ok=True)
+    audio = trim_silence(audio, sr)
+    if job["snr_db"] is not None:
+        audio = add_noise(audio, job["snr_db"], job["noise_seed"])
     rel = Path("audio") / job["split"] / f"{job['ID']}.{ext}"
     extra = {"compression_level": opus_level} if subtype == "OPUS" else {}
-    sf.write(out_dir / rel, trim_silence(audio, sr), sr, format=sf_format, subtype=subtype, **extra)
+    sf.write(out_dir / rel, audio, sr, format=sf_format, subtype=subtype, **extra)
     info = sf.info(out_dir / rel)
     return {"ID": job["ID"], "duration": f"{info.frames / info.samplerate:.3f}",
-            "wav": rel.as_posix(), "spk_id": job["voice"], "wrd": job["wrd"]}
+            "wav": rel.as_posix(), "spk_id": f"{job['engine']}:{job['voice']}",
+            "wrd": job["wrd"]}
 
 
 def run(cmd):
@@ -182,7 +314,8 @@ def write_csv(path, rows):
 
 
 def summarize(out_dir, rows_by_split):
-    """Print utterances, hours, MB and bytes per second of audio per split; test OOV rate."""
+    """Print utterances, hours, MB, bytes per second of audio and the share of word tokens
+    that train lacks, per split, and the utterances per engine."""
     vocab = {w for r in rows_by_split.get("train", []) for w in r["wrd"].split()}
     print(f"{'split':6} {'utts':>6} {'hours':>6} {'MB':>6} {'bytes/s':>8} {'OOV%':>6}")
     for split, rows in rows_by_split.items():
@@ -192,10 +325,16 @@ def summarize(out_dir, rows_by_split):
         oov = 100 * sum(w not in vocab for w in words) / max(1, len(words))
         print(f"{split:6} {len(rows):6d} {seconds / 3600:6.3f} {size / 1e6:6.2f} "
               f"{size / max(seconds, 1e-9):8.0f} {oov:6.2f}")
+    engines = {}
+    for rows in rows_by_split.values():
+        for r in rows:
+            engine = r["spk_id"].split(":")[0] if ":" in r["spk_id"] else "real"
+            engines[engine] = engines.get(engine, 0) + 1
+    print("utterances per engine: " + ", ".join(f"{k} {v}" for k, v in sorted(engines.items())))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES,
                    help="one upper-case sentence per line (default: the bundled list)")
@@ -203,6 +342,8 @@ def parse_args(argv=None):
     p.add_argument("--n-valid", type=int, default=120)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--engines", default=DEFAULT_ENGINE_WEIGHTS,
+                   help="engine:weight list; each utterance picks an engine with these odds")
     p.add_argument("--format", choices=sorted(FORMATS), default="ogg",
                    help="ogg = Opus in Ogg (~2.9 kB/s), flac (~19 kB/s), wav (32 kB/s)")
     p.add_argument("--opus-level", type=float, default=0.94,
@@ -210,14 +351,18 @@ def parse_args(argv=None):
                         "0.94 is ~22 kbit/s")
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=12)
-    p.add_argument("--max-oov", type=int, default=0,
+    p.add_argument("--max-oov", type=int, default=2,
                    help="max words per valid/test sentence that train lacks")
-    p.add_argument("--voices", default=",".join(VOICES), help="comma-separated espeak-ng voices")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated espeak-ng variants (+m1.. +f1..)")
+    p.add_argument("--oov-rate", type=float, default=0.03,
+                   help="share of valid/test word tokens that train lacks (0: none)")
     p.add_argument("--speed", type=int, nargs=2, default=(150, 195), metavar=("MIN", "MAX"),
-                   help="words per minute range")
-    p.add_argument("--pitch", type=int, nargs=2, default=(25, 75), metavar=("MIN", "MAX"))
+                   help="espeak-ng words per minute range")
+    p.add_argument("--pitch", type=int, nargs=2, default=(25, 75), metavar=("MIN", "MAX"),
+                   help="espeak-ng pitch range")
+    p.add_argument("--noise-prob", type=float, default=0.4,
+                   help="share of utterances with white noise at 15-35 dB SNR")
+    p.add_argument("--reverb-prob", type=float, default=0.3,
+                   help="share of utterances with sox reverberation")
     p.add_argument("--real-csv", type=Path, default=DEFAULT_REAL_CSV,
                    help="CSV of real 16 kHz recordings (wav relative to it) copied as the "
                         "'real' test set (default: the bundled one)")
@@ -230,42 +375,49 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_tools()
+    try:
+        make_corpus(args)
+    except (CorpusError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def make_corpus(args):
+    engine_weights = parse_engine_weights(args.engines)
+    check_tools(engine_weights)
     from tqdm import tqdm
 
     if not args.sentences.exists():
-        sys.exit(f"error: sentence file {args.sentences} not found; pass --sentences FILE")
+        raise CorpusError(f"sentence file {args.sentences} not found; pass --sentences FILE")
     if not args.no_real and not args.real_csv.exists():
-        sys.exit(f"error: {args.real_csv} not found; pass --real-csv FILE or --no-real")
+        raise CorpusError(f"{args.real_csv} not found; pass --real-csv FILE or --no-real")
     out = args.out
     if not args.overwrite and any((out / "audio" / split).exists() for split in SPLIT_PREFIX):
-        sys.exit(f"error: {out / 'audio'} already holds a corpus; pass --overwrite or a new --out")
+        raise CorpusError(f"{out / 'audio'} already holds a corpus; pass --overwrite or a new "
+                          "--out")
     rng = random.Random(args.seed)
-    try:
-        sentences = read_sentences(args.sentences, args.min_words, args.max_words)
-        splits = split_sentences(sentences, args.n_train, args.n_valid, args.n_test,
-                                 args.max_oov, rng)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    jobs = plan_utterances(splits, args.voices.split(","), args.variants.split(","),
-                           args.speed, args.pitch, rng)
-
-    for split in SPLIT_PREFIX:
-        shutil.rmtree(out / "audio" / split, ignore_errors=True)
-        (out / "audio" / split).mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.workers) as pool:
-        work = partial(synthesize, out_dir=out, fmt=args.format, opus_level=args.opus_level,
-                       tmp_dir=tmp)
-        results = pool.map(work, jobs)
-        rows = list(tqdm(results, total=len(jobs), desc="synthesizing", unit="utt"))
+    sentences = read_sentences(args.sentences, args.min_words, args.max_words)
+    splits = split_sentences(sentences, args.n_train, args.n_valid, args.n_test, args.max_oov,
+                             rng, oov_rate=args.oov_rate)
+    jobs = plan_utterances(splits, engine_weights, args.speed, args.pitch, rng,
+                           noise_prob=args.noise_prob, reverb_prob=args.reverb_prob)
+    real_rows = None
+    with tempfile.TemporaryDirectory() as tmp:
+        probe_voices(engine_weights, tmp)
+        if not args.no_real:  # read before the folders are replaced (it may live in --out)
+            real_rows = copy_real(args.real_csv, out)
+        for split in SPLIT_PREFIX:
+            shutil.rmtree(out / "audio" / split, ignore_errors=True)
+            (out / "audio" / split).mkdir(parents=True)
+        with ThreadPoolExecutor(args.workers) as pool:
+            work = partial(synthesize, out_dir=out, fmt=args.format,
+                           opus_level=args.opus_level, tmp_dir=tmp)
+            rows = list(tqdm(pool.map(work, jobs), total=len(jobs), desc="synthesizing",
+                             unit="utt"))
 
     rows_by_split = {split: [r for r in rows if r["ID"].startswith(prefix + "_")]
                      for split, prefix in SPLIT_PREFIX.items()}
-    if not args.no_real:
-        try:
-            rows_by_split["real"] = copy_real(args.real_csv, out)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    if real_rows is not None:
+        rows_by_split["real"] = real_rows
     for split, split_rows in rows_by_split.items():
         write_csv(out / f"{split}.csv", split_rows)
     summarize(out, rows_by_split)
