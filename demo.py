@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """`make demo`: trains a small ConMamba CTC model (hparams/CTC/demo.yaml) on the bundled corpus
 on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech (CTC beam
-search, then lexicon + word 3-gram LM of the training text), transcribes one bundled file with
-the exported model and prints a summary table.
+search alone, then with a token 6-gram LM of the corpus' sentence pool without its valid and
+test sentences, its weight chosen on the valid split), transcribes one bundled file with the
+exported model and prints a summary table.
 
     python demo.py                      # full demo: 8 epochs, ~15 min on 2 CPU cores
     python demo.py --epochs 5           # the time budget knob: ~1.5-2 min per epoch on 2 cores
@@ -29,6 +30,7 @@ CORPUS = os.path.join(REPO, "data", "mini_corpus")
 HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo.yaml")
 SPLITS = ("train", "valid", "test", "real")
 TEST_SETS = ("test", "real")  # test_csv of demo.yaml, in this order
+LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # tried on the valid split
 # --quick: a model that trains in seconds, and utterances per split
 QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "d_ffn": 64, "d_state": 4,
                "beam_size": 2}
@@ -125,19 +127,48 @@ def read_error_rate(path):
     return float(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
-def try_add_word_lm(inference_folder, train_csv):
-    """Lexicon + 3-gram word LM of the training transcripts in the exported folder; False when
-    flashlight-text (the decoder) is not installed."""
+def try_add_ctc_lm(inference_folder, corpus):
+    """Token 6-gram LM of the corpus' sentence pool (sentences.txt, else train.csv) without the
+    valid, test and real sentences, in the exported folder; False when flashlight-text (the
+    decoder) is not installed."""
     try:
         import flashlight.lib.text  # noqa: F401
     except ImportError:
         print("flashlight-text is not installed (pip install -r requirements-lm.txt): "
-              "skipping word-LM decoding", flush=True)
+              "skipping LM decoding", flush=True)
         return False
-    from inference.word_lm import add_word_lm
+    from inference.word_lm import add_ctc_lm
 
-    add_word_lm(inference_folder, [train_csv])
+    pool = os.path.join(corpus, "sentences.txt")
+    sources = [pool if os.path.isfile(pool) else os.path.join(corpus, "train.csv")]
+    held_out = [os.path.join(corpus, f"{split}.csv") for split in ("valid", *TEST_SETS)]
+    add_ctc_lm(inference_folder, sources, "token", exclude=held_out)
     return True
+
+
+def tune_lm_weight(asr, inference_folder, valid_rows, corpus):
+    """Decodes the valid split with each of LM_WEIGHTS, keeps the one with the lowest CER (the
+    smaller weight on ties), records it in the folder and sets it on ``asr``.
+
+    Returns (weight, {weight: (WER, CER)})."""
+    from inference.word_lm import CTCLMDecoder, write_lm_settings
+
+    rates = {}
+    for weight in LM_WEIGHTS:
+        asr.word_lm = CTCLMDecoder(inference_folder, asr.asr.tokenizer,
+                                   asr.asr.hparams.blank_index, lm_weight=weight)
+        rates[weight] = error_rates(asr, valid_rows, corpus)
+    best = min(LM_WEIGHTS, key=lambda w: (rates[w][1], w))
+    write_lm_settings(inference_folder, "token", best)
+    asr.word_lm = CTCLMDecoder(inference_folder, asr.asr.tokenizer, asr.asr.hparams.blank_index)
+    return best, rates
+
+
+def oov_rate(rows, train_rows):
+    """% of the word tokens of rows that the training transcripts lack."""
+    vocab = {w for r in train_rows for w in r["wrd"].split()}
+    words = [w for r in rows for w in r["wrd"].split()]
+    return 100 * sum(w not in vocab for w in words) / max(1, len(words))
 
 
 def error_rates(asr, rows, corpus):
@@ -170,11 +201,12 @@ def format_table(summary):
             ("total demo time", f"{summary['total_seconds'] / 60:.1f} min")]
     for name in TEST_SETS:
         s = summary[name]
-        rows.append((f"{name} ({s['utterances']} utt.)",
+        rows.append((f"{name} ({s['utterances']} utt., {s['oov']:.1f} % OOV)",
                      f"WER {s['WER']:.2f} %   CER {s['CER']:.2f} %   (CTC beam search)"))
         if "word_lm" in s:
-            rows.append((f"{name} + word LM", f"WER {s['word_lm']['WER']:.2f} %   "
-                         f"CER {s['word_lm']['CER']:.2f} %   (lexicon + 3-gram of train text)"))
+            rows.append((f"{name} + token LM", f"WER {s['word_lm']['WER']:.2f} %   "
+                         f"CER {s['word_lm']['CER']:.2f} %   (LM weight "
+                         f"{summary['lm_weight']}, chosen on valid)"))
     rows += [("file", summary["file"]), ("reference", summary["reference"]),
              ("transcript", summary["transcript"])]
     width = max(len(k) for k, _ in rows)
@@ -222,9 +254,12 @@ def main(argv=None):
         epochs = int(re.search(r"^number_of_epochs: (\d+)", f.read(), re.M).group(1))
     n_train = QUICK_UTTERANCES["train"] if args.quick else len(train_rows)
     inference = os.path.join(out, "inference")
-    # then transcribe.py and the Transcriber decode with lexicon + word LM by default
-    word_lm = try_add_word_lm(inference, os.path.join(args.corpus, "train.csv"))
+    # then transcribe.py and the Transcriber decode with the token LM by default
+    word_lm = try_add_ctc_lm(inference, args.corpus)
     asr = load_transcriber(inference, args.device)  # one load for the file and the test sets
+    n_valid = QUICK_UTTERANCES["valid"] if args.quick else len(rows["valid"])
+    lm_weight, valid_lm = (tune_lm_weight(asr, inference, rows["valid"][:n_valid], args.corpus)
+                           if word_lm else (None, {}))
     transcript = asr.transcribe_files([wav])[0]
     params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
     summary = {
@@ -232,12 +267,15 @@ def main(argv=None):
         "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
         "parameters": params, "train_seconds": train_seconds,
         "file": os.path.relpath(wav, REPO), "reference": reference, "transcript": transcript,
+        "lm_weight": lm_weight,
+        "valid_lm": {str(w): {"WER": r[0], "CER": r[1]} for w, r in valid_lm.items()},
     }
     for name in TEST_SETS:
         wer, _, _ = read_error_rate(os.path.join(out, f"wer_{name}.txt"))
         cer, _, _ = read_error_rate(os.path.join(out, f"cer_{name}.txt"))
         n = QUICK_UTTERANCES[name] if args.quick else len(rows[name])
-        summary[name] = {"WER": wer, "CER": cer, "utterances": n}
+        summary[name] = {"WER": wer, "CER": cer, "utterances": n,
+                         "oov": oov_rate(rows[name][:n], train_rows[:n_train])}
         if word_lm:
             wer_lm, cer_lm = error_rates(asr, rows[name][:n], args.corpus)
             summary[name]["word_lm"] = {"WER": wer_lm, "CER": cer_lm}

@@ -35,12 +35,12 @@ def parse_args(argv):
                              "S2S: beam width (default: the model's test_beam_size)")
     parser.add_argument("--no-lm", action="store_true",
                         help="decode without the folder's language model (S2S: lm.ckpt; CTC: "
-                             "lexicon.txt + word_lm.arpa from `python -m tools.make_word_lm`)")
-    parser.add_argument("--lm-weight", type=float, default=2.0,
-                        help="CTC word LM: weight of the LM log-probability (2.0, best on the "
-                             "bundled corpus' valid split)")
-    parser.add_argument("--word-score", type=float, default=0.0,
-                        help="CTC word LM: score added per decoded word (0)")
+                             "the n-gram LM from `python -m tools.make_word_lm`)")
+    parser.add_argument("--lm-weight", type=float, default=None,
+                        help="CTC LM: weight of the LM log-probability (default: the folder's "
+                             "ctc_lm.json, tuned when the LM was added)")
+    parser.add_argument("--word-score", type=float, default=None,
+                        help="CTC LM: score added per decoded word (default: ctc_lm.json's)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="S2S: weight of the CTC scorer in [0, 1] (default: the model's "
                              "ctc_weight_decode; 0 = attention only)")

@@ -7,8 +7,9 @@
 
 Decoding is SpeechBrain's: EncoderASR (CTC: greedy by default, prefix beam search with
 beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the exported LM).
-A CTC folder with a lexicon and word LM (`python -m tools.make_word_lm`) is decoded with them
-instead (inference.word_lm: lexicon-constrained beam search).
+A CTC folder with an n-gram LM (`python -m tools.make_word_lm`) is decoded with it instead
+(inference.word_lm: lexicon-free beam search with a token LM, or lexicon-constrained with a word
+LM).
 Any sample rate is resampled to the model's and channels are averaged. Audio longer than
 chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
 batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
@@ -147,12 +148,12 @@ class Transcriber:
         self.sample_rate = int(asr.hparams.sample_rate)
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
         self.batch_size = batch_size
-        self.word_lm = word_lm  # inference.word_lm.LexiconDecoder for CTC models, or None
+        self.word_lm = word_lm  # inference.word_lm.CTCLMDecoder for CTC models, or None
         self.last_chunks = []  # chunk (start, end) sample ranges of each file of the last call
 
     @classmethod
     def from_folder(cls, model_dir, device=None, beam_size=None, use_lm=None, ctc_weight=None,
-                    ctc_partial=False, savedir=None, lm_weight=2.0, word_score=0.0, **kwargs):
+                    ctc_partial=False, savedir=None, lm_weight=None, word_score=None, **kwargs):
         """Loads an exported folder (no network).
 
         Arguments
@@ -161,19 +162,21 @@ class Transcriber:
         device : 'cpu' | 'cuda[:i]' | 'mps' | None (best available).
         beam_size : CTC: None or 1 = greedy, N > 1 = prefix beam search of width N;
             S2S: beam width (None = the exported test_beam_size).
-        use_lm : None = use the folder's LM when it has one (S2S: lm.ckpt; CTC: lexicon.txt and
-            word_lm.arpa), False = no LM, True = require it.
+        use_lm : None = use the folder's LM when it has one (S2S: lm.ckpt; CTC: token_lm.arpa, or
+            lexicon.txt and word_lm.arpa; see inference.word_lm), False = no LM, True = require
+            it.
         ctc_weight : S2S only: weight of the CTC scorer (None = exported; 0 = attention only).
         ctc_partial : S2S only: the CTC scorer rescores only the 2 * beam_size best tokens of
             each step (SpeechBrain partial scorer) instead of the whole vocabulary: much faster
             on CPU with large vocabularies; the exported recipe scores the whole vocabulary.
         savedir : where SpeechBrain links the checkpoints (default: the model folder itself).
-        lm_weight, word_score : CTC word-LM decoding: weight of the LM log-probability and score
-            added per word (beam_size: its beam width, default 50)
+        lm_weight, word_score : CTC LM decoding: weight of the LM log-probability and score
+            added per word (None: the folder's ctc_lm.json values; beam_size: its beam width,
+            default 50)
         **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
-        from inference.word_lm import LexiconDecoder, has_word_lm
+        from inference.word_lm import CTCLMDecoder, has_word_lm
         from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
         model_dir = os.path.abspath(model_dir)
@@ -183,8 +186,8 @@ class Transcriber:
                                    "ctc_partial options are for S2S models")
         if kind == "CTC":
             has_lm = has_word_lm(model_dir)
-            missing = ("lexicon.txt and word_lm.arpa (make them with `python -m tools.make_word_lm` "
-                       "MODEL_DIR TRAIN_CSV)")
+            missing = ("a CTC LM (make one with `python -m tools.make_word_lm` MODEL_DIR "
+                       "TEXT)")
         else:
             has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
             missing = "lm.ckpt: this model was exported without an LM"
@@ -199,9 +202,9 @@ class Transcriber:
                                      run_opts={"device": device})
         word_lm = None
         if kind == "CTC" and has_lm and use_lm is not False:
-            word_lm = LexiconDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
-                                     beam_size=beam_size or 50, lm_weight=lm_weight,
-                                     word_score=word_score)
+            word_lm = CTCLMDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
+                                   beam_size=beam_size or 50, lm_weight=lm_weight,
+                                   word_score=word_score)
         elif kind == "CTC":
             _configure_ctc(asr, beam_size)
         else:

@@ -1,29 +1,62 @@
-"""Lexicon-constrained CTC decoding with a word n-gram LM (torchaudio's flashlight decoder).
+"""CTC decoding with an n-gram LM (torchaudio's flashlight decoder), two kinds:
 
-    python -m tools.make_word_lm MODEL_DIR data/mini_corpus/train.csv   # writes the two files
-    Transcriber.from_folder(MODEL_DIR)                                  # then uses them
+- ``token``: a token n-gram LM (``token_lm.arpa``, e.g. 6-grams of characters) and lexicon-free
+  beam search: the LM favours likely spellings and word sequences, and any word can still come
+  out, including words the LM text never had.
+- ``lexicon``: ``lexicon.txt`` (each word spelled with the model's tokenizer pieces) and a word
+  n-gram LM (``word_lm.arpa``): only lexicon words come out, so a new word is always an error.
 
-An exported CTC folder may hold ``lexicon.txt`` (each word spelled with the model's tokenizer
-pieces) and ``word_lm.arpa`` (a back-off n-gram model of the training transcripts, absolute
-discounting with Ney's discount per order). The decoder only outputs lexicon words, scored by
-the acoustic log-probabilities plus lm_weight * LM log-probability plus word_score per word.
-Needs the ``flashlight-text`` package (requirements-lm.txt).
+    python -m tools.make_word_lm MODEL_DIR text.txt --exclude test.csv   # token LM (default)
+    Transcriber.from_folder(MODEL_DIR)                                   # then uses it
+
+The LMs are back-off n-gram models (absolute discounting with Ney's discount per order).
+Hypotheses are scored by the acoustic log-probabilities plus lm_weight * LM log-probability
+plus word_score per word; ``ctc_lm.json`` in the folder records the kind and the weights to use
+(tune them on a validation set). Needs the ``flashlight-text`` package (requirements-lm.txt).
 """
 
 import collections
+import json
 import math
 import os
 
 from recipes import RecipeError
 
-LEXICON, ARPA = "lexicon.txt", "word_lm.arpa"
+LEXICON, ARPA, TOKEN_ARPA = "lexicon.txt", "word_lm.arpa", "token_lm.arpa"
+SETTINGS = "ctc_lm.json"  # {"kind": "token" | "lexicon", "lm_weight": w, "word_score": s}
+LM_KINDS = ("token", "lexicon")
+DEFAULT_ORDER = {"token": 6, "lexicon": 3}
+# weights for folders without ctc_lm.json (lexicon LMs written before it existed)
+DEFAULT_WEIGHTS = {"lm_weight": 2.0, "word_score": 0.0}
 WORD_START = "\u2581"  # SentencePiece's word-start piece
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 UNK_LOG10 = -7.0  # unknown words are not decoded (they are not in the lexicon)
 
 
+def lm_settings(folder):
+    """{"kind", "lm_weight", "word_score"} of the folder's CTC LM, or None when it has none."""
+    path = os.path.join(folder, SETTINGS)
+    if os.path.isfile(path):
+        with open(path) as f:
+            settings = json.load(f)
+        if settings.get("kind") not in LM_KINDS:
+            raise RecipeError(f"{path}: kind must be one of {LM_KINDS}, got "
+                              f"{settings.get('kind')!r}; rebuild it with "
+                              "`python -m tools.make_word_lm`")
+        files = [TOKEN_ARPA] if settings["kind"] == "token" else [LEXICON, ARPA]
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise RecipeError(f"{path} names a {settings['kind']} LM but {', '.join(missing)} "
+                              "is missing; rebuild it with `python -m tools.make_word_lm`")
+        return {**DEFAULT_WEIGHTS, **settings}
+    if all(os.path.isfile(os.path.join(folder, name)) for name in (LEXICON, ARPA)):
+        return {"kind": "lexicon", **DEFAULT_WEIGHTS}
+    return None
+
+
 def has_word_lm(folder):
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (LEXICON, ARPA))
+    """True when the folder holds a CTC LM of either kind."""
+    return lm_settings(folder) is not None
 
 
 def write_lexicon(words, tokenizer, path):
@@ -133,6 +166,17 @@ def read_transcripts(csv_path, column="wrd"):
         return [row[column].split() for row in reader]
 
 
+def read_text(path, column="wrd"):
+    """Word lists of a text source: a CSV manifest (its transcript column) or a plain text file
+    (one sentence per line). Words are upper-cased, as the recipes' transcripts are."""
+    if path.endswith(".csv"):
+        return read_transcripts(path, column)
+    if not os.path.isfile(path):
+        raise RecipeError(f"Text file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return [line.upper().split() for line in f if line.strip()]
+
+
 def build_word_lm(sentences, tokenizer, folder, order=3):
     """Writes lexicon.txt and word_lm.arpa into folder; returns (words, words skipped)."""
     words = {w for s in sentences for w in s}
@@ -142,41 +186,98 @@ def build_word_lm(sentences, tokenizer, folder, order=3):
     return len(words), skipped
 
 
-def add_word_lm(model_dir, csv_paths, order=3, column="wrd"):
-    """build_word_lm into an exported folder, spelled with its tokenizer.ckpt, from the
-    transcripts of CSV manifests; returns (words, words skipped, sentences)."""
+def build_token_lm(sentences, tokenizer, folder, order=6):
+    """Writes token_lm.arpa: an n-gram LM over the tokenizer's pieces of each sentence (word
+    starts included, so it also models word boundaries); returns the number of sentences."""
+    pieces = [[tokenizer.id_to_piece(i) for i in tokenizer.encode(" ".join(words))]
+              for words in sentences if words]
+    with open(os.path.join(folder, TOKEN_ARPA), "w") as f:
+        f.write(build_arpa(pieces, order))
+    return len(pieces)
+
+
+def write_lm_settings(folder, kind, lm_weight, word_score=0.0):
+    """Records which LM the folder's decoder uses and with which weights."""
+    with open(os.path.join(folder, SETTINGS), "w") as f:
+        json.dump({"kind": kind, "lm_weight": lm_weight, "word_score": word_score}, f, indent=1)
+
+
+def add_ctc_lm(model_dir, sources, kind="token", order=None, exclude=(), column="wrd",
+               lm_weight=None, word_score=0.0):
+    """Builds a CTC LM of ``kind`` into an exported folder, spelled with its tokenizer.ckpt.
+
+    sources: CSV manifests and/or text files (one sentence per line) whose sentences train the
+    LM; exclude: CSVs/text files whose sentences are left out (the evaluation sets).
+    Returns {"kind", "sentences", "excluded", "words", "skipped"}.
+    """
     import sentencepiece as spm
 
+    if kind not in LM_KINDS:
+        raise RecipeError(f"LM kind must be one of {LM_KINDS}, got {kind!r}")
+    order = order or DEFAULT_ORDER[kind]
+    held_out = {tuple(s) for path in exclude for s in read_text(path, column)}
+    sentences = [s for path in sources for s in read_text(path, column)]
+    kept = [s for s in sentences if tuple(s) not in held_out]
     tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.ckpt"))
-    sentences = [s for path in csv_paths for s in read_transcripts(path, column)]
-    return (*build_word_lm(sentences, tokenizer, model_dir, order), len(sentences))
+    report = {"kind": kind, "sentences": len(kept), "excluded": len(sentences) - len(kept),
+              "words": len({w for s in kept for w in s}), "skipped": 0}
+    if kind == "token":
+        build_token_lm(kept, tokenizer, model_dir, order)
+    else:
+        report["words"], report["skipped"] = build_word_lm(kept, tokenizer, model_dir, order)
+    if lm_weight is None:
+        lm_weight = 0.5 if kind == "token" else DEFAULT_WEIGHTS["lm_weight"]
+    write_lm_settings(model_dir, kind, lm_weight, word_score)
+    return report
 
 
-class LexiconDecoder:
-    """CTC log-probabilities -> transcripts made of lexicon words.
+def add_word_lm(model_dir, csv_paths, order=3, column="wrd"):
+    """Lexicon + word LM of the transcripts of CSV manifests in an exported folder; returns
+    (words, words skipped, sentences)."""
+    report = add_ctc_lm(model_dir, csv_paths, "lexicon", order, column=column)
+    return report["words"], report["skipped"], report["sentences"]
 
-    log_probs (batch, frames, vocab) on any device, rel_lengths (batch,) in (0, 1]."""
 
-    def __init__(self, folder, tokenizer, blank_index, beam_size=50, lm_weight=2.0,
-                 word_score=0.0):
+class CTCLMDecoder:
+    """CTC log-probabilities -> transcripts, beam search with the folder's LM (either kind).
+
+    log_probs (batch, frames, vocab) on any device, rel_lengths (batch,) in (0, 1].
+    lm_weight / word_score None: the folder's ctc_lm.json values."""
+
+    def __init__(self, folder, tokenizer, blank_index, beam_size=50, lm_weight=None,
+                 word_score=None):
         try:
             from torchaudio.models.decoder import ctc_decoder
         except ImportError as err:  # torchaudio raises it when flashlight-text is missing
-            raise RecipeError("Word-LM decoding needs flashlight-text: pip install -r "
-                              "requirements-lm.txt (or decode without the word LM)") from err
-        if not has_word_lm(folder):
-            raise RecipeError(f"{folder} has no {LEXICON} and {ARPA}; make them with "
-                              "`python -m tools.make_word_lm` MODEL_DIR TRAIN_CSV")
+            raise RecipeError("LM decoding needs flashlight-text: pip install -r "
+                              "requirements-lm.txt (or decode without the LM)") from err
+        settings = lm_settings(folder)
+        if settings is None:
+            raise RecipeError(f"{folder} has no CTC LM ({TOKEN_ARPA}, or {LEXICON} and {ARPA}); "
+                              "make one with `python -m tools.make_word_lm` MODEL_DIR TEXT")
+        self.kind = settings["kind"]
+        self.lm_weight = settings["lm_weight"] if lm_weight is None else lm_weight
+        self.word_score = settings["word_score"] if word_score is None else word_score
+        self.tokenizer = tokenizer
         tokens = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
+        self.blank_index = blank_index
         self.decoder = ctc_decoder(
-            lexicon=os.path.join(folder, LEXICON), tokens=tokens,
-            lm=os.path.join(folder, ARPA), nbest=1, beam_size=beam_size, lm_weight=lm_weight,
-            word_score=word_score, unk_word=UNK, blank_token=tokens[blank_index],
+            lexicon=os.path.join(folder, LEXICON) if self.kind == "lexicon" else None,
+            tokens=tokens,
+            lm=os.path.join(folder, ARPA if self.kind == "lexicon" else TOKEN_ARPA),
+            nbest=1, beam_size=beam_size, lm_weight=self.lm_weight, word_score=self.word_score,
+            unk_word=UNK, blank_token=tokens[blank_index],
             sil_token=WORD_START if WORD_START in tokens else tokens[blank_index])
         self.vocab_size = len(tokens)
+
+    def _text(self, hyp):
+        if self.kind == "lexicon":
+            return " ".join(hyp.words)
+        ids = [int(t) for t in hyp.tokens if int(t) != self.blank_index]
+        return " ".join(self.tokenizer.decode_ids(ids).split())
 
     def __call__(self, log_probs, rel_lengths):
         frames = log_probs.shape[1]
         lengths = (rel_lengths.float() * frames).round().clamp(1, frames).int().cpu()
         emissions = log_probs[..., : self.vocab_size].float().cpu().contiguous()
-        return [" ".join(h[0].words) if h else "" for h in self.decoder(emissions, lengths)]
+        return [self._text(h[0]) if h else "" for h in self.decoder(emissions, lengths)]

@@ -4,6 +4,7 @@
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -22,12 +23,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("ConMamba CTC demo: summary"):]
     for name, n in (("test", demo.QUICK_UTTERANCES["test"]), ("real", demo.QUICK_UTTERANCES["real"])):
-        assert f"{name} ({n} utt.)" in table
+        assert f"{name} ({n} utt., " in table
     with_lm = importlib.util.find_spec("flashlight") is not None  # requirements-lm.txt
     assert table.count("WER ") == table.count("CER ") == (4 if with_lm else 2)
-    assert ("test + word LM" in table) == with_lm
+    assert ("test + token LM" in table) == with_lm
     first_test = next(csv.DictReader(open(REPO + "/data/mini_corpus/test.csv")))
-    assert f"reference         | {first_test['wrd']}" in table
+    assert re.search(rf"\nreference +\| {first_test['wrd']}\n", table)
     assert "transcript" in table
 
     for name in ("wer_test", "cer_test", "wer_real", "cer_real"):
@@ -41,10 +42,14 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["reference"] == first_test["wrd"]
     assert summary["test"]["CER"] == demo.read_error_rate(str(out / "cer_test.txt"))[0]
     assert f"WER {summary['real']['WER']:.2f} %" in table
-    if with_lm:  # the exported folder now decodes with the lexicon and word LM
-        assert (out / "inference" / "lexicon.txt").is_file()
-        lexicon = {line.split()[0] for line in open(out / "inference" / "lexicon.txt")}
-        assert set(summary["transcript"].split()) <= lexicon
+    if with_lm:  # the exported folder now decodes with the token LM, weight chosen on valid
+        from inference.word_lm import lm_settings
+
+        assert (out / "inference" / "token_lm.arpa").is_file()
+        assert [float(w) for w in summary["valid_lm"]] == list(demo.LM_WEIGHTS)
+        best = min(r["CER"] for r in summary["valid_lm"].values())
+        assert summary["valid_lm"][str(summary["lm_weight"])]["CER"] == best
+        assert lm_settings(str(out / "inference"))["lm_weight"] == summary["lm_weight"]
         for name in ("test", "real"):
             assert 0 <= summary[name]["word_lm"]["CER"] <= 100
             assert f"CER {summary[name]['word_lm']['CER']:.2f} %" in table
@@ -78,3 +83,8 @@ def test_write_subset_absolute_paths(tmp_path):
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(demo.DemoError, match=r"train\.csv is missing: make it with"):
         demo.main(["--corpus", str(tmp_path), "--output-folder", str(tmp_path / "out")])
+
+
+def test_oov_rate_counts_tokens_missing_from_train():
+    train = [{"wrd": "A B C"}, {"wrd": "C D"}]
+    assert demo.oov_rate([{"wrd": "A E"}, {"wrd": "D D F G"}], train) == pytest.approx(50.0)

@@ -103,10 +103,10 @@ def _emissions(tokenizer, text, sharp=8.0):
 
 def test_lexicon_decoder_outputs_lexicon_words(char_tokenizer, tmp_path):
     pytest.importorskip("flashlight.lib.text")
-    from inference.word_lm import LexiconDecoder
+    from inference.word_lm import CTCLMDecoder
 
     build_word_lm(SENTENCES, char_tokenizer, tmp_path)
-    decode = LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=20)
+    decode = CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=20)
     clean = _emissions(char_tokenizer, "HELLO WORLD")
     assert decode(clean, torch.ones(1)) == ["HELLO WORLD"]
     # greedy CTC reads "HALLO WARLD" here; only lexicon words come out
@@ -119,10 +119,45 @@ def test_lexicon_decoder_outputs_lexicon_words(char_tokenizer, tmp_path):
 
 def test_lexicon_decoder_needs_the_files(char_tokenizer, tmp_path):
     pytest.importorskip("flashlight.lib.text")
-    from inference.word_lm import LexiconDecoder
+    from inference.word_lm import CTCLMDecoder
 
     with pytest.raises(RecipeError, match="tools.make_word_lm"):
-        LexiconDecoder(str(tmp_path), char_tokenizer, blank_index=0)
+        CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0)
+
+
+def _blend(tokenizer, text_a, text_b):
+    """Emissions equally likely to spell text_a or text_b (same number of pieces)."""
+    a, b = _emissions(tokenizer, text_a), _emissions(tokenizer, text_b)
+    assert a.shape == b.shape
+    return torch.logaddexp(a, b) - math.log(2)
+
+
+def test_token_lm_decoder_spells_new_words_and_prefers_seen_spellings(char_tokenizer, tmp_path):
+    pytest.importorskip("flashlight.lib.text")
+    from inference.word_lm import CTCLMDecoder, build_token_lm, write_lm_settings
+
+    build_token_lm(SENTENCES, char_tokenizer, str(tmp_path), order=4)
+    write_lm_settings(str(tmp_path), "token", lm_weight=1.0)
+    decode = CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=20)
+    assert decode.kind == "token" and decode.lm_weight == 1.0
+    # clear acoustics: a word the LM text never had still comes out (a lexicon cannot do this)
+    assert decode(_emissions(char_tokenizer, "HELLO WARLD"), torch.ones(1)) == ["HELLO WARLD"]
+    # an O/A tie in the second word: the LM picks the spelling its text had, in either order
+    for first, second in (("HELLO WORLD", "HELLO WARLD"), ("HELLO WARLD", "HELLO WORLD")):
+        assert decode(_blend(char_tokenizer, first, second), torch.ones(1)) == ["HELLO WORLD"]
+    # an explicit weight overrides ctc_lm.json's
+    assert CTCLMDecoder(str(tmp_path), char_tokenizer, 0, lm_weight=0.0).lm_weight == 0.0
+
+
+def test_lm_settings_name_missing_files(tmp_path):
+    from inference.word_lm import lm_settings, write_lm_settings
+
+    assert lm_settings(str(tmp_path)) is None
+    write_lm_settings(str(tmp_path), "token", lm_weight=0.7)
+    with pytest.raises(RecipeError, match="token_lm.arpa is missing"):
+        lm_settings(str(tmp_path))
+    (tmp_path / "token_lm.arpa").write_text("")
+    assert lm_settings(str(tmp_path)) == {"kind": "token", "lm_weight": 0.7, "word_score": 0.0}
 
 
 def test_read_transcripts_errors(tmp_path):
@@ -148,7 +183,7 @@ def ctc_with_lm(tmp_path_factory):
     shutil.copytree(folder, plain)
     from tools.make_word_lm import main
 
-    main([folder, TRAIN_CSV, "--order", "2"])
+    main([folder, TRAIN_CSV, "--kind", "lexicon", "--order", "2"])
     return folder, plain
 
 
@@ -170,6 +205,27 @@ def test_transcriber_decodes_with_the_folders_word_lm(ctc_with_lm):
         Transcriber.from_folder(plain, device="cpu").transcribe_waveform(wav, 16000)
     with pytest.raises(TranscriberError, match="tools.make_word_lm"):
         Transcriber.from_folder(plain, device="cpu", use_lm=True)
+
+
+def test_token_lm_leaves_out_excluded_sentences_and_is_used_by_default(ctc_with_lm, tmp_path):
+    from inference.transcriber import Transcriber
+    from inference.word_lm import TOKEN_ARPA, lm_settings
+    from tools.make_word_lm import main
+
+    _, plain = ctc_with_lm
+    folder = str(tmp_path / "model")
+    shutil.copytree(plain, folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick fox\nzebras quiz jovial wolves\n")
+    held_out = tmp_path / "test.csv"
+    held_out.write_text("ID,duration,wav,spk_id,wrd\nt1,1.0,a.wav,s,ZEBRAS QUIZ JOVIAL WOLVES\n")
+    main([folder, str(text), "--exclude", str(held_out), "--lm-weight", "0.3"])
+    assert lm_settings(folder) == {"kind": "token", "lm_weight": 0.3, "word_score": 0.0}
+    unigrams = open(os.path.join(folder, TOKEN_ARPA)).read().split("\\2-grams:")[0]
+    assert "\tQ\t" in unigrams and "\tZ\t" not in unigrams  # only the excluded sentence has Z
+    asr = Transcriber.from_folder(folder, device="cpu")
+    assert asr.word_lm.kind == "token" and asr.word_lm.lm_weight == 0.3
+    assert isinstance(asr.transcribe_waveform(torch.randn(16000) * 0.1, 16000), str)
 
 
 def test_make_word_lm_refuses_s2s_and_bad_csv(tmp_path):
