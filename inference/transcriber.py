@@ -24,6 +24,7 @@ import torch
 import torchaudio
 
 from recipes import RecipeError
+from recipes.export import exported_kind
 
 class TranscriberError(RecipeError):
     """A model folder or an audio file that cannot be used; the message says which and why."""
@@ -42,9 +43,7 @@ def model_kind(model_dir):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise TranscriberError(f"{os.path.join(model_dir, name)} is missing; re-export the "
                                    "model (train_CTC.py / train_S2S.py --test_only)")
-    with open(hparams_file) as f:
-        text = f.read()
-    return "S2S" if "\ndecoder:" in text else "CTC"
+    return exported_kind(model_dir)
 
 
 def check_audio(path):

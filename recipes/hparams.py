@@ -77,10 +77,18 @@ def flatten(hparams, inc_key):
 
 
 def preview(path, routed, inc_key):
-    """The recipe with references resolved but no object built: a flat dict of plain values."""
+    """The recipe with references resolved but no object built: a flat dict of ruamel nodes
+    (plain values, and tagged mappings for the objects: ``!new:...``)."""
     with open(path) as f:
         text = resolve_references(f, routed).getvalue()
     return flatten(ruamel.yaml.YAML().load(StringIO(text)) or {}, inc_key)
+
+
+def resolved_yaml(path, routed, inc_key):
+    """The text of ``preview``: the recipe as one flat YAML file, every value resolved."""
+    out = StringIO()
+    ruamel.yaml.YAML().dump(preview(path, routed, inc_key), out)
+    return out.getvalue()
 
 
 def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
@@ -96,7 +104,8 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
 
     Returns
     -------
-    hparams : flat dict of built objects and values (hparams["model"] is the trainable model).
+    hparams : flat dict of built objects and values (hparams["model"] is the trainable model;
+        hparams["recipe_yaml"] is the recipe resolved as text, which recipes.export reuses).
     routed : the overrides as applied (nested), for saving the resolved YAML.
     settings : {key: (value, source)} for the device-dependent keys.
     """
@@ -118,5 +127,6 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
     fill = {k: v for k, (v, src) in settings.items() if src != "yaml" and k not in user}
     routed, inc_key = route_overrides(path, {**user, **fill}, free_keys=tuple(PRESETS[kind]))
     with open(path) as f:
-        hparams = load_hyperpyyaml(f, routed, overrides_must_match=False)
-    return flatten(hparams, inc_key), routed, settings
+        hparams = flatten(load_hyperpyyaml(f, routed, overrides_must_match=False), inc_key)
+    hparams["recipe_yaml"] = resolved_yaml(path, routed, inc_key)
+    return hparams, routed, settings
