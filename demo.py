@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from recipes import RecipeError, run_cli
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
 HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo.yaml")
@@ -36,7 +38,7 @@ QUICK_UTTERANCES = {"train": 24, "valid": 4, "test": 4, "real": 2}
 RATE_LINE = re.compile(r"^%WER ([0-9.]+) \[ (\d+) / (\d+)")
 
 
-class DemoError(RuntimeError):
+class DemoError(RecipeError):
     """Something the user can fix; the message says what."""
 
 
@@ -249,7 +251,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DemoError as e:
-        sys.exit(f"ERROR: {e}")
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -13,7 +13,7 @@ decoding time (pip install -r requirements-lm.txt).
 import argparse
 import sys
 
-from recipes import RecipeError
+from recipes import RecipeError, run_cli
 
 
 def main(argv=None):
@@ -36,8 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as e:
-        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main, sys.argv[1:]))
