@@ -15,7 +15,6 @@ everything it writes (checkpoints, wer_*.txt / cer_*.txt, inference/) and summar
 """
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from recipes import RecipeError, run_cli
+from recipes import RecipeError, manifest, run_cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
@@ -73,8 +72,7 @@ def read_rows(split, corpus):
         hint = ("restore data/mini_corpus from the repository (git checkout data/mini_corpus)"
                 if corpus == CORPUS else "make it with tools/make_corpus.py (--real-csv for real)")
         raise DemoError(f"{path} is missing: {hint}")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return manifest.read_rows(path)
 
 
 def write_subset(folder, counts, corpus):
@@ -87,10 +85,7 @@ def write_subset(folder, counts, corpus):
         for row in rows:
             row["wav"] = os.path.join(corpus, row["wav"])
         paths[split] = os.path.join(folder, f"{split}.csv")
-        with open(paths[split], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        manifest.write_manifest(paths[split], rows)
     return paths
 
 

@@ -64,7 +64,8 @@ def main(argv):
     args = parse_args(argv)
     set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
 
-    from inference.transcriber import Transcriber, check_audio, model_kind
+    from inference.transcriber import Transcriber, model_kind
+    from recipes.audio import check_audio
 
     model_kind(args.model_dir)  # fail fast: check the folder and every file before loading
     for path in args.audio:

@@ -7,8 +7,14 @@ transcripts and the tests write and read manifests through HEADER / write_manife
 import csv
 import os
 
+from recipes import RecipeError
+
 HEADER = ("ID", "duration", "wav", "spk_id", "wrd")
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")  # spk_id is optional
+
+
+class ManifestError(RecipeError, ValueError):
+    """A manifest (CSV) that cannot be used; the message names the file (and the row)."""
 
 
 def write_manifest(path, rows):
@@ -18,7 +24,7 @@ def write_manifest(path, rows):
     if parent:
         os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=HEADER, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -26,8 +32,22 @@ def write_manifest(path, rows):
     return str(path)
 
 
-def read_rows(path):
-    """The rows of a manifest as dicts (column -> str), unchecked (recipes.data.read_manifest
-    checks them for training)."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_rows(path, required=(), hint=""):
+    """The rows of a manifest as dicts (column -> str); the values are not checked
+    (recipes.data.read_manifest checks them for training).
+
+    Raises ManifestError when the file does not exist or lacks a column of ``required`` (the
+    message ends with ``hint``, e.g. which option to change).
+    """
+    if not os.path.isfile(path):
+        raise ManifestError(f"Manifest {path} does not exist{hint}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            names = ", ".join(repr(c) for c in missing)
+            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}: it has no "
+                                f"{names} column (its columns: "
+                                f"{', '.join(reader.fieldnames or [])}); a manifest has the "
+                                f"header {','.join(HEADER)}{hint}")
+        return list(reader)
