@@ -1,7 +1,6 @@
 """recipes.export: the exported folder is the trained model (the recipe's own nodes and values),
 and it records whether it is CTC or S2S."""
 
-import os
 import shutil
 from pathlib import Path
 
