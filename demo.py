@@ -16,7 +16,6 @@ everything it writes (checkpoints, wer_*.txt / cer_*.txt, inference/) and summar
 """
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from recipes import RecipeError, manifest, run_cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
@@ -38,7 +39,7 @@ QUICK_UTTERANCES = {"train": 24, "valid": 4, "test": 4, "real": 2}
 RATE_LINE = re.compile(r"^%WER ([0-9.]+) \[ (\d+) / (\d+)")
 
 
-class DemoError(RuntimeError):
+class DemoError(RecipeError):
     """Something the user can fix; the message says what."""
 
 
@@ -73,8 +74,7 @@ def read_rows(split, corpus):
         hint = ("restore data/mini_corpus from the repository (git checkout data/mini_corpus)"
                 if corpus == CORPUS else "make it with tools/make_corpus.py (--real-csv for real)")
         raise DemoError(f"{path} is missing: {hint}")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return manifest.read_rows(path)
 
 
 def write_subset(folder, counts, corpus):
@@ -87,10 +87,7 @@ def write_subset(folder, counts, corpus):
         for row in rows:
             row["wav"] = os.path.join(corpus, row["wav"])
         paths[split] = os.path.join(folder, f"{split}.csv")
-        with open(paths[split], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        manifest.write_manifest(paths[split], rows)
     return paths
 
 
@@ -287,7 +284,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DemoError as e:
-        sys.exit(f"ERROR: {e}")
+    sys.exit(run_cli(main, sys.argv[1:]))

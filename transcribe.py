@@ -16,7 +16,7 @@ Errors (missing model folder, unreadable or empty audio...) print one line and e
 import argparse
 import sys
 
-from recipes import RecipeError
+from recipes import run_cli
 from recipes.device import set_mps_fallback_env
 
 
@@ -64,7 +64,8 @@ def main(argv):
     args = parse_args(argv)
     set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
 
-    from inference.transcriber import Transcriber, check_audio, model_kind
+    from inference.transcriber import Transcriber, model_kind
+    from recipes.audio import check_audio
 
     model_kind(args.model_dir)  # fail fast: check the folder and every file before loading
     for path in args.audio:
@@ -82,12 +83,7 @@ def main(argv):
 def run(argv):
     """main() with user-fixable errors as one 'ERROR: ...' line on stderr; returns the exit
     status (0 or 1)."""
-    try:
-        main(argv)
-    except RecipeError as e:  # the message names the file and what to do
-        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

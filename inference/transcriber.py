@@ -20,14 +20,16 @@ import functools
 import math
 import os
 
-import soundfile
 import torch
-import torchaudio
 
 from recipes import RecipeError
+from recipes.audio import check_audio, load_audio, to_mono
+from recipes.export import exported_kind
+
 
 class TranscriberError(RecipeError):
-    """A model folder or an audio file that cannot be used; the message says which and why."""
+    """A model folder or an option that cannot be used; the message says which and why (audio
+    problems are recipes.audio.AudioError)."""
 
 
 def model_kind(model_dir):
@@ -43,55 +45,7 @@ def model_kind(model_dir):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise TranscriberError(f"{os.path.join(model_dir, name)} is missing; re-export the "
                                    "model (train_CTC.py / train_S2S.py --test_only)")
-    with open(hparams_file) as f:
-        text = f.read()
-    return "S2S" if "\ndecoder:" in text else "CTC"
-
-
-def check_audio(path):
-    """Cheap check (header only) that a file exists, decodes and has samples.
-
-    Returns its duration in seconds; raises TranscriberError naming the file otherwise.
-    """
-    if not os.path.isfile(path):
-        raise TranscriberError(f"Audio file {path} does not exist")
-    try:
-        info = soundfile.info(path)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise TranscriberError(f"Cannot decode audio file {path} ({e}); convert it to WAV or "
-                               f"FLAC, e.g. ffmpeg -i {path} out.wav") from e
-    if info.frames == 0:
-        raise TranscriberError(f"Audio file {path} is empty (0 samples); remove it from the list")
-    return info.frames / info.samplerate
-
-
-def read_audio(path):
-    """Reads a file as float32 (samples, channels) and its sample rate (errors: check_audio)."""
-    check_audio(path)
-    try:
-        audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise TranscriberError(f"Cannot decode audio file {path} ({e}); convert it to WAV or "
-                               f"FLAC, e.g. ffmpeg -i {path} out.wav") from e
-    if audio.shape[0] == 0:
-        raise TranscriberError(f"Audio file {path} is empty (0 samples); remove it from the list")
-    return torch.from_numpy(audio), sample_rate
-
-
-def to_mono(wav, sample_rate, target_rate):
-    """(samples,) or 2-D audio (channels = the smaller dimension) -> mono (samples,) at
-    target_rate."""
-    wav = torch.as_tensor(wav, dtype=torch.float32)
-    if wav.dim() == 2:
-        wav = wav.mean(dim=1 if wav.shape[1] <= wav.shape[0] else 0)
-    elif wav.dim() != 1:
-        raise TranscriberError(f"Expected audio of shape (samples,) or (samples, channels), "
-                               f"got {tuple(wav.shape)}")
-    if wav.numel() == 0:
-        raise TranscriberError("Empty waveform (0 samples)")
-    if sample_rate != target_rate:
-        wav = torchaudio.functional.resample(wav, int(sample_rate), int(target_rate))
-    return wav
+    return exported_kind(model_dir)
 
 
 def chunk_bounds(n_samples, chunk_samples, overlap_samples):
@@ -214,8 +168,7 @@ class Transcriber:
 
     def load_audio(self, path):
         """Mono float32 (samples,) at the model's sample rate."""
-        audio, sample_rate = read_audio(path)
-        return to_mono(audio, sample_rate, self.sample_rate)
+        return load_audio(path, self.sample_rate)
 
     def transcribe_files(self, paths):
         """Transcripts (upper-case words) of audio files, in order. Every file is checked

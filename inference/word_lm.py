@@ -154,16 +154,10 @@ def build_arpa(sentences, order=3):
 
 def read_transcripts(csv_path, column="wrd"):
     """Word lists of a SpeechBrain CSV manifest's transcript column."""
-    import csv
+    from recipes.manifest import read_rows
 
-    if not os.path.isfile(csv_path):
-        raise RecipeError(f"Transcript file {csv_path} does not exist")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if column not in (reader.fieldnames or []):
-            raise RecipeError(f"{csv_path} has no '{column}' column (columns: "
-                              f"{', '.join(reader.fieldnames or [])}); pass --column")
-        return [row[column].split() for row in reader]
+    rows = read_rows(csv_path, required=[column], hint=" (or pass the transcript column: --column)")
+    return [row[column].split() for row in rows]
 
 
 def read_text(path, column="wrd"):

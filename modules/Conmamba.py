@@ -80,10 +80,11 @@ class ConmambaEncoderLayer(nn.Module):
         self.norm1 = LayerNorm(d_model)
         self.norm2 = LayerNorm(d_model)
 
-    def forward(self, x, src_key_padding_mask=None):
-        """x: (B, L, D), src_key_padding_mask: (B, L) bool or None -> (B, L, D)."""
+    def forward(self, x, src_key_padding_mask=None, lengths=None):
+        """x: (B, L, D), src_key_padding_mask: (B, L) bool or None, lengths: its valid frames
+        (B,) or None -> (B, L, D)."""
         x = x + 0.5 * self.ffn_module1(x)
-        x = x + self.mamba(self.norm1(x), pad_mask=src_key_padding_mask)
+        x = x + self.mamba(self.norm1(x), pad_mask=src_key_padding_mask, lengths=lengths)
         x = x + self.convolution_module(x, src_key_padding_mask)
         return self.norm2(x + 0.5 * self.ffn_module2(x))
 

@@ -17,15 +17,7 @@ from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.config import build_mamba, check_mamba_config
-
-
-def memory_lengths(memory, memory_key_padding_mask=None):
-    """Valid frames per utterance (B,) long, from a (B, <=L) key-padding mask (None: all L)."""
-    if memory_key_padding_mask is None:
-        return torch.full(
-            (memory.shape[0],), memory.shape[1], dtype=torch.long, device=memory.device
-        )
-    return (~memory_key_padding_mask).sum(dim=1).long()
+from modules.mamba.mamba_blocks import valid_lengths
 
 
 def pack_memory_target(memory, tgt, mem_lens):
@@ -112,10 +104,13 @@ class MambaDecoderLayer(nn.Module):
         memory_key_padding_mask=None,
         pos_embs_tgt=None,
         pos_embs_src=None,
+        mem_lens=None,
     ):
         """tgt (B, T, D), memory (B, L, D) -> ((B, T, D), None, None). The Mamba scans are causal,
-        so tgt_mask / tgt padding (right) are implied; memory padding is removed per utterance."""
-        mem_lens = memory_lengths(memory, memory_key_padding_mask)
+        so tgt_mask / tgt padding (right) are implied; memory padding is removed per utterance
+        (mem_lens (B,): valid memory frames, else derived from memory_key_padding_mask)."""
+        if mem_lens is None:
+            mem_lens = valid_lengths(memory, memory_key_padding_mask)
 
         def cross_mix(h):
             packed, out_index = pack_memory_target(memory, h, mem_lens)
@@ -179,15 +174,16 @@ class MambaDecoder(nn.Module):
     ):
         """tgt (B, T, D), memory (B, L, D) -> ((B, T, D), [None], [None])."""
         output = tgt
+        mem_lens = valid_lengths(memory, memory_key_padding_mask)  # once for every layer
         for layer in self.layers:
-            output, _, _ = layer(output, memory, memory_key_padding_mask=memory_key_padding_mask)
+            output, _, _ = layer(output, memory, mem_lens=mem_lens)
         return self.norm(output), [None], [None]
 
     @torch.no_grad()
     def init_state(self, memory, mem_lens=None) -> MambaDecoderState:
         """Decoding state before the first token; memory (B, L, D), mem_lens (B,) valid frames."""
         if mem_lens is None:
-            mem_lens = memory_lengths(memory)
+            mem_lens = valid_lengths(memory)
         mem_lens = mem_lens.to(memory.device).long()
         return MambaDecoderState([layer.init_caches(memory, mem_lens) for layer in self.layers])
 

@@ -13,6 +13,7 @@ from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.config import build_mamba, check_mamba_config
+from modules.mamba.mamba_blocks import valid_lengths
 
 
 def no_chunking(dynchunktrain_config):
@@ -56,6 +57,9 @@ class EncoderStack(nn.Module):
         dynchunktrain_config=None,
     ):
         no_chunking(dynchunktrain_config)
+        lengths = None  # valid frames (B,), derived from the mask once for every layer
+        if src_key_padding_mask is not None:
+            lengths = valid_lengths(src, src_key_padding_mask)
         output = src
         hidden_states = [output]
         drop = self.training and self.layerdrop_prob > 0.0
@@ -64,9 +68,10 @@ class EncoderStack(nn.Module):
             if keep is not None and not keep[i]:
                 continue
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                output = checkpoint(layer, output, src_key_padding_mask, use_reentrant=False)
+                output = checkpoint(layer, output, src_key_padding_mask, lengths,
+                                    use_reentrant=False)
             else:
-                output = layer(output, src_key_padding_mask)
+                output = layer(output, src_key_padding_mask, lengths)
             hidden_states.append(output)
         output = self.norm(output)
         if self.output_hidden_states:
@@ -94,9 +99,11 @@ class MambaEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x, src_key_padding_mask=None):
-        """x: (B, L, D), src_key_padding_mask: (B, L) bool or None -> (B, L, D)."""
-        x = x + self.dropout1(self.mamba(self.norm1(x), pad_mask=src_key_padding_mask))
+    def forward(self, x, src_key_padding_mask=None, lengths=None):
+        """x: (B, L, D), src_key_padding_mask: (B, L) bool or None, lengths: its valid frames
+        (B,) or None -> (B, L, D)."""
+        x = x + self.dropout1(
+            self.mamba(self.norm1(x), pad_mask=src_key_padding_mask, lengths=lengths))
         return x + self.dropout2(self.pos_ffn(self.norm2(x)))
 
 

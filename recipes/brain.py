@@ -1,7 +1,14 @@
-"""Behaviour shared by the CTC and S2S Brains: Noam steps, checkpoint averaging before
-evaluation, logging (text + TensorBoard) and per-test-set error-rate files."""
+"""The recipe skeleton shared by train_CTC.py and train_S2S.py: a SpeechBrain Brain that owns the
+front end (features, normalisation, augmentation and the matching label replication), Noam steps,
+checkpoint averaging before evaluation, the per-stage statistics and logging (text +
+TensorBoard), and the per-test-set error-rate files.
+
+A recipe subclasses RecipeBrain with SpeechBrain's hooks ``compute_forward`` and
+``compute_objectives`` and one statistics hook, ``stage_stats``.
+"""
 
 import logging
+import os
 
 import speechbrain as sb
 from speechbrain.utils.checkpoints import average_checkpoints
@@ -15,21 +22,56 @@ logger = logging.getLogger(__name__)
 class RecipeBrain(sb.core.Brain):
     """sb.Brain + the parts common to both recipes.
 
-    Subclasses set ``ckpt_key`` / ``ckpt_max`` (the validation statistic that ranks checkpoints)
-    and fill ``wer_metric`` / ``cer_metric`` with ``append_error_rates`` during evaluation.
+    Arguments
+    ---------
+    modules, opt_class, hparams, run_opts, checkpointer : as sb.Brain.
+    tokenizer : sentencepiece.SentencePieceProcessor (decodes hypotheses into words).
+    test_searcher : callable decoding the test sets (the recipe's searcher).
+    tensorboard : speechbrain TensorboardLogger or None.
+
+    Subclasses set ``kind`` ('CTC' | 'S2S'), ``ckpt_key`` / ``ckpt_max`` (the validation
+    statistic that ranks checkpoints), implement ``compute_forward``, ``compute_objectives``
+    (filling ``wer_metric`` / ``cer_metric`` with ``append_error_rates``) and ``stage_stats``.
     """
 
+    kind = None
     ckpt_key = "ACC"
     ckpt_max = True
-    tensorboard = None  # TensorboardLogger (set by recipes.run.attach_tensorboard)
+
+    def __init__(self, *args, tokenizer, test_searcher=None, tensorboard=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = tokenizer
+        self.test_searcher = test_searcher
+        self.tensorboard = tensorboard
+        self.result_files = {}  # {"wer": path, "cer": path} of the test set being evaluated
+
+    # --- front end: augmentation and the labels it replicates, together -----------------------
+
+    def _augmenting(self, stage):
+        return stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None
 
     def front_end(self, wavs, wav_lens, stage):
-        """Waveforms (B, samples) -> CNN output (B, T/4, 640); features augmented in training."""
+        """Waveforms (B, samples) -> CNN output (B', T/4, 32 * n_mels / 4); features augmented
+        in training, where B' may exceed B (see ``replicate_labels``)."""
         feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
         feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
-        if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
+        if self._augmenting(stage):
             feats, _ = self.hparams.fea_augment(feats, wav_lens)
         return self.modules.CNN(feats)
+
+    def replicate_labels(self, stage, *labels):
+        """Label tensors (B, ...) matched to ``front_end``'s batch of B' utterances: replicated
+        as the feature augmentation replicated the batch (training only). Returns a tuple."""
+        if not self._augmenting(stage):
+            return labels
+        return tuple(self.hparams.fea_augment.replicate_labels(x) for x in labels)
+
+    # --- statistics --------------------------------------------------------------------------
+
+    def stage_stats(self, stage):
+        """The recipe's statistics of a VALID or TEST stage ({name: value}, besides the loss);
+        ``ckpt_key`` must be among the VALID ones."""
+        raise NotImplementedError
 
     def reset_error_rates(self):
         self.wer_metric = self.hparams.wer_computer()
@@ -40,6 +82,29 @@ class RecipeBrain(sb.core.Brain):
         targets = [wrd.split(" ") for wrd in batch.wrd]
         self.wer_metric.append(batch.id, words, targets)
         self.cer_metric.append(batch.id, words, targets)
+
+    def error_rates(self):
+        return {"WER": self.wer_metric.summarize("error_rate"),
+                "CER": self.cer_metric.summarize("error_rate")}
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.reset_error_rates()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Training: keeps the loss for the epoch's log line. Validation: logs the epoch and keeps
+        the best checkpoints. Test: logs and writes the error-rate files."""
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats.update(self.stage_stats(stage))
+        if stage == sb.Stage.VALID:
+            self.log_valid(stats, epoch)
+        else:
+            self.log_test(stats)
+
+    # --- training steps and checkpoints ------------------------------------------------------
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
@@ -66,6 +131,18 @@ class RecipeBrain(sb.core.Brain):
         key = {"max_key" if self.ckpt_max else "min_key": self.ckpt_key}
         return self.evaluate(test_set, **key, **kwargs)
 
+    def test(self, tests, wer_name="wer"):
+        """Evaluates every test set ({name: dataset}) with the averaged best checkpoints, writing
+        <output_wer_folder>/{<wer_name>,cer}_<name>.txt."""
+        folder = self.hparams.output_wer_folder
+        os.makedirs(folder, exist_ok=True)
+        for name, dataset in tests.items():
+            self.result_files = {"wer": os.path.join(folder, f"{wer_name}_{name}.txt"),
+                                 "cer": os.path.join(folder, f"cer_{name}.txt")}
+            self.evaluate_best(dataset, test_loader_kwargs=self.hparams.test_dataloader_opts)
+
+    # --- logging -----------------------------------------------------------------------------
+
     def log_valid(self, stage_stats, epoch):
         """Logs an epoch and keeps the ``avg_checkpoints`` best checkpoints."""
         meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -80,12 +157,12 @@ class RecipeBrain(sb.core.Brain):
             meta={self.ckpt_key: stage_stats[self.ckpt_key], "epoch": epoch},
             num_to_keep=self.hparams.avg_checkpoints, **keep)
 
-    def log_test(self, stage_stats, files):
-        """Logs test statistics and writes each ErrorRateStats to its file (main process)."""
+    def log_test(self, stage_stats):
+        """Logs test statistics and writes the error rates to ``result_files`` (main process)."""
         self.hparams.train_logger.log_stats(
             stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
             test_stats=stage_stats)
         if if_main_process():
-            for metric, path in files.items():
-                with open(path, "w") as w:
+            for metric, key in ((self.wer_metric, "wer"), (self.cer_metric, "cer")):
+                with open(self.result_files[key], "w") as w:
                     metric.write_stats(w)

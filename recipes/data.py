@@ -1,4 +1,4 @@
-"""Manifests (CSV: ID, duration, wav, wrd[, spk_id]) -> checked SpeechBrain datasets.
+"""Manifests (recipes.manifest) -> checked SpeechBrain datasets.
 
 Relative wav paths are relative to the data root (the YAML's data_folder); absolute ones and
 SpeechBrain's ``$data_root/...`` form work too. Bad rows (missing file, empty transcript, audio
@@ -6,30 +6,18 @@ shorter than min_duration, unparsable duration) raise one error naming the file 
 skipped with a log line when ``bad_data: skip``.
 """
 
-import csv
 import logging
 import os
 
-import soundfile
 import torch
-import torchaudio
 
 import speechbrain as sb
 from speechbrain.dataio.dataset import DynamicItemDataset
 
-from recipes import RecipeError
+from recipes.audio import AudioError, load_audio  # noqa: F401 (AudioError: re-exported)
+from recipes.manifest import REQUIRED_COLUMNS, ManifestError, read_rows
 
 logger = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
-
-
-class ManifestError(RecipeError, ValueError):
-    """A manifest (CSV) that cannot be trained on; the message names the file and the row."""
-
-
-class AudioError(RecipeError, RuntimeError):
-    """An audio file that cannot be decoded; the message names the file and the utterance."""
 
 
 def resolve_wav(wav, data_root):
@@ -48,32 +36,25 @@ def read_manifest(csv_path, data_root, min_duration=0.0, bad_data="error"):
     """
     if bad_data not in ("error", "skip"):
         raise ManifestError(f"bad_data must be 'error' or 'skip', got {bad_data!r}")
-    if not os.path.isfile(csv_path):
-        raise ManifestError(f"Manifest {csv_path} does not exist (set train_csv/valid_csv/"
-                            "test_csv, or skip_prep: False to prepare LibriSpeech)")
+    rows = read_rows(csv_path, REQUIRED_COLUMNS, hint=(
+        " (set train_csv/valid_csv/test_csv, or skip_prep: False to prepare LibriSpeech)"))
     data, skipped = {}, 0
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{csv_path}: missing column(s) {', '.join(missing)}; a manifest "
-                                f"needs the header {','.join(REQUIRED_COLUMNS)} (spk_id optional)")
-        for line, row in enumerate(reader, start=2):
-            problem = _row_problem(row, data, data_root, min_duration)
-            if problem:
-                where = f"{csv_path}, line {line} (ID {row.get('ID') or '?'})"
-                if bad_data == "error":
-                    raise ManifestError(f"{where}: {problem}. Fix or remove the row, or set "
-                                        "bad_data: skip to drop such rows.")
-                logger.warning(f"Skipping {where}: {problem}")
-                skipped += 1
-                continue
-            data[row["ID"]] = {
-                "duration": float(row["duration"]),
-                "wav": resolve_wav(row["wav"], data_root),
-                "spk_id": row.get("spk_id") or "",
-                "wrd": " ".join(row["wrd"].split()),
-            }
+    for line, row in enumerate(rows, start=2):  # line 1: the header
+        problem = _row_problem(row, data, data_root, min_duration)
+        if problem:
+            where = f"{csv_path}, line {line} (ID {row.get('ID') or '?'})"
+            if bad_data == "error":
+                raise ManifestError(f"{where}: {problem}. Fix or remove the row, or set "
+                                    "bad_data: skip to drop such rows.")
+            logger.warning(f"Skipping {where}: {problem}")
+            skipped += 1
+            continue
+        data[row["ID"]] = {
+            "duration": float(row["duration"]),
+            "wav": resolve_wav(row["wav"], data_root),
+            "spk_id": row.get("spk_id") or "",
+            "wrd": " ".join(row["wrd"].split()),
+        }
     if not data:
         raise ManifestError(f"{csv_path}: no usable row ({skipped} skipped)")
     if skipped:
@@ -99,27 +80,6 @@ def _row_problem(row, seen, data_root, min_duration):
     if not row.get("wav") or not os.path.isfile(path):
         return f"audio file {path} not found"
     return None
-
-
-def load_audio(path, sample_rate, utt_id="", min_duration=0.0):
-    """Reads an audio file as a mono float32 tensor (samples,) at ``sample_rate``.
-
-    Raises AudioError naming the file when it cannot be decoded, is empty or is shorter than
-    ``min_duration`` seconds (whatever the manifest's duration column says).
-    """
-    try:
-        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError...)
-        raise AudioError(f"Cannot read audio {path} (ID {utt_id}): {e}. Fix or remove the "
-                           "file's row from the manifest.") from e
-    if audio.shape[0] == 0 or audio.shape[0] < min_duration * sr:
-        raise AudioError(f"Audio {path} (ID {utt_id}) lasts {audio.shape[0] / sr:.3f} s, less than "
-                         f"min_duration {min_duration} s (too short for the front end's 4x "
-                         "subsampling); remove its row from the manifest")
-    sig = torch.from_numpy(audio).mean(dim=1)
-    if sr != sample_rate:
-        sig = torchaudio.functional.resample(sig, sr, sample_rate)
-    return sig
 
 
 def _dataset(csv_path, hparams, sort):

@@ -3,69 +3,42 @@
     EncoderASR.from_hparams(source=folder)          # CTC recipes
     EncoderDecoderASR.from_hparams(source=folder)   # S2S recipes
 
-The folder holds hyperparams.yaml (self-contained: the model sizes are written into it),
-model.ckpt (the [CNN, Transformer, (seq_lin,) ctc_lin] state_dict, averaged as for testing),
-normalizer.ckpt, tokenizer.ckpt and, for S2S with an LM, lm.ckpt. Loading it imports
-modules.TransformerASR, so the repository root must be importable (run from it, or add it to
-sys.path / PYTHONPATH).
+The folder holds hyperparams.yaml, model.ckpt (the [CNN, Transformer, (seq_lin,) ctc_lin]
+state_dict, averaged as for testing), normalizer.ckpt, tokenizer.ckpt and, for S2S with an LM,
+lm.ckpt. hyperparams.yaml is self-contained: its model nodes (features, normaliser, CNN,
+Transformer, output layers, LM, test searcher) are the training recipe's own nodes with every
+value resolved, so the exported model is the trained one (activation, n_mels, Mamba config...);
+only dropout is set to 0. Its ``model_kind`` key says CTC or S2S (``exported_kind`` reads it).
+Loading it imports modules.TransformerASR: install the repository (``pip install -e .``) or run
+from its root.
 """
 
+import copy
+import logging
 import os
 import shutil
+from io import StringIO
 
+import ruamel.yaml
 import torch
+from ruamel.yaml.comments import TaggedScalar
+from ruamel.yaml.tag import Tag
 
 from recipes import RecipeError
 
-COMMON_KEYS = ["sample_rate", "n_fft", "win_length", "n_mels", "d_model", "nhead",
-               "num_encoder_layers", "num_decoder_layers", "d_ffn", "output_neurons",
-               "encoder_module", "attention_type", "blank_index", "bos_index", "eos_index"]
+logger = logging.getLogger(__name__)
+
+KINDS = {"CTC": "EncoderASR", "S2S": "EncoderDecoderASR"}
+# Plain values the inference classes and inference.transcriber read from the exported hparams.
+COMMON_KEYS = ["sample_rate", "n_mels", "d_model", "output_neurons", "encoder_module",
+               "blank_index", "bos_index", "eos_index"]
 CTC_KEYS = ["beam_size", "beam_prune_logp", "token_prune_min_logp", "prune_history"]
 S2S_KEYS = ["decoder_module", "min_decode_ratio", "max_decode_ratio", "test_beam_size",
             "ctc_weight_decode", "lm_weight", "temperature"]
-
-MODEL = """
-compute_features: !new:speechbrain.lobes.features.Fbank
-    sample_rate: !ref <sample_rate>
-    n_fft: !ref <n_fft>
-    win_length: !ref <win_length>
-    n_mels: !ref <n_mels>
-
-normalize: !new:speechbrain.processing.features.InputNormalization
-    norm_type: global
-
-CNN: !new:speechbrain.lobes.models.convolution.ConvolutionFrontEnd
-    input_shape: (8, 10, 80)
-    num_blocks: 2
-    num_layers_per_block: 1
-    out_channels: (64, 32)
-    kernel_sizes: (3, 3)
-    strides: (2, 2)
-    residuals: (False, False)
-
-Transformer: !new:modules.TransformerASR.TransformerASR
-    input_size: 640
-    tgt_vocab: !ref <output_neurons>
-    d_model: !ref <d_model>
-    nhead: !ref <nhead>
-    num_encoder_layers: !ref <num_encoder_layers>
-    num_decoder_layers: !ref <num_decoder_layers>
-    d_ffn: !ref <d_ffn>
-    dropout: 0.0
-    activation: !name:torch.nn.GELU
-    encoder_module: !ref <encoder_module>
-    {decoder_line}
-    attention_type: !ref <attention_type>
-    normalize_before: True
-    causal: False
-    mamba_config: {mamba_config}
-
-ctc_lin: !new:speechbrain.nnet.linear.Linear
-    input_size: !ref <d_model>
-    n_neurons: !ref <output_neurons>
-
-tokenizer: !new:sentencepiece.SentencePieceProcessor
-"""
+# The recipe's nodes copied into the exported file (the trained model, as built for training).
+MODEL_NODES = {"CTC": ["compute_features", "normalize", "CNN", "Transformer", "ctc_lin"],
+               "S2S": ["compute_features", "normalize", "CNN", "Transformer", "seq_lin",
+                       "ctc_lin"]}
 
 CTC = """
 log_softmax: !new:torch.nn.LogSoftmax
@@ -93,19 +66,9 @@ test_beam_search:
 
 modules:
     encoder: !ref <encoder>
-
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        model: !ref <model>
-        normalizer: !ref <normalize>
-        tokenizer: !ref <tokenizer>
 """
 
 S2S = """
-seq_lin: !new:speechbrain.nnet.linear.Linear
-    input_size: !ref <d_model>
-    n_neurons: !ref <output_neurons>
-
 model: !new:torch.nn.ModuleList
     - [!ref <CNN>, !ref <Transformer>, !ref <seq_lin>, !ref <ctc_lin>]
 
@@ -118,23 +81,11 @@ ctc_scorer: !new:speechbrain.decoders.scorer.CTCScorer
     eos_index: !ref <eos_index>
     blank_index: !ref <blank_index>
     ctc_fc: !ref <ctc_lin>
-{lm_block}
+{lm_scorer}
 scorer: !new:speechbrain.decoders.scorer.ScorerBuilder
     full_scorers: [{scorers}]
     weights:
         {weights}
-
-decoder: !new:modules.decoding.S2SMambaBeamSearcher
-    modules: [!ref <Transformer>, !ref <seq_lin>]
-    bos_index: !ref <bos_index>
-    eos_index: !ref <eos_index>
-    min_decode_ratio: !ref <min_decode_ratio>
-    max_decode_ratio: !ref <max_decode_ratio>
-    beam_size: !ref <test_beam_size>
-    temperature: !ref <temperature>
-    using_eos_threshold: False
-    length_normalization: True
-    scorer: !ref <scorer>
 
 transformer_beam_search: True
 
@@ -142,29 +93,22 @@ modules:
     encoder: !ref <encoder>
     transformer: !ref <Transformer>
     decoder: !ref <decoder>
+"""
+
+LM_SCORER = """
+lm_scorer: !new:speechbrain.decoders.scorer.TransformerLMScorer
+    language_model: !ref <lm_model>
+    temperature: !ref <temperature>
+"""
+
+LOADING = """
+tokenizer: !new:sentencepiece.SentencePieceProcessor
 
 pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
         model: !ref <model>
         normalizer: !ref <normalize>
         tokenizer: !ref <tokenizer>{lm_loadable}
-"""
-
-LM = """
-lm_model: !new:speechbrain.lobes.models.transformer.TransformerLM.TransformerLM
-    vocab: !ref <output_neurons>
-    d_model: 768
-    nhead: 12
-    num_encoder_layers: 12
-    num_decoder_layers: 0
-    d_ffn: 3072
-    dropout: 0.0
-    activation: !name:torch.nn.GELU
-    normalize_before: False
-
-lm_scorer: !new:speechbrain.decoders.scorer.TransformerLMScorer
-    language_model: !ref <lm_model>
-    temperature: !ref <temperature>
 """
 
 
@@ -174,27 +118,87 @@ def _scalar(value):
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _tag(node, tag):
+    node.yaml_set_ctag(Tag(suffix=tag))
+    return node
+
+
+def _model_nodes(hparams, kind, with_lm):
+    """The recipe's resolved nodes for inference: {name: ruamel node} (deep copies)."""
+    if "recipe_yaml" not in hparams:
+        raise RecipeError("hparams lack 'recipe_yaml' (the resolved recipe): load the recipe with "
+                          "recipes.hparams.load_recipe to export it")
+    tree = ruamel.yaml.YAML().load(hparams["recipe_yaml"])
+    names = MODEL_NODES[kind] + (["lm_model"] if with_lm else []) + \
+        (["test_search"] if kind == "S2S" else [])
+    nodes = {name: tree[name] for name in names}
+    nodes = copy.deepcopy(nodes)  # one deepcopy: shared sub-nodes stay shared
+    transformer = nodes["Transformer"]
+    transformer["dropout"] = 0.0  # inference: no dropout whatever the trained rate
+    transformer.pop("encoder_gradient_checkpointing", None)  # a training-time memory option
+    transformer["tgt_vocab"] = hparams["output_neurons"]
+    nodes["ctc_lin"]["n_neurons"] = hparams["output_neurons"]
+    if with_lm:  # the recipe defines the LM class to build once it knows whether one is used
+        _tag(nodes["lm_model"], "!new:" + nodes["lm_model"].tag.value[len("!name:"):])
+    if kind == "S2S":  # the recipe's test searcher, with the exported scorer
+        search = nodes.pop("test_search")
+        _tag(search, "!new:" + search.tag.value[len("!name:"):])
+        search["scorer"] = TaggedScalar("<scorer>", tag="!ref")  # the scorer defined below
+        nodes["decoder"] = search
+    return nodes
+
+
 def inference_yaml(hparams, kind, with_lm=False):
-    """Text of the exported hyperparams.yaml for a 'CTC' or 'S2S' recipe."""
+    """Text of the exported hyperparams.yaml for a 'CTC' or 'S2S' recipe.
+
+    hparams: the flat dict of recipes.hparams.load_recipe (its "recipe_yaml" is the resolved
+    recipe); plain values may be changed in it (output_neurons: the exported vocabulary).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'CTC' or 'S2S', got {kind!r}")
     keys = COMMON_KEYS + (CTC_KEYS if kind == "CTC" else S2S_KEYS)
-    cls = "EncoderASR" if kind == "CTC" else "EncoderDecoderASR"
     head = [f"# {kind} model exported by train_{kind}.py ({hparams.get('experiment', '')}).",
-            f"# Load: speechbrain.inference.ASR.{cls}.from_hparams(source=<this folder>)",
-            "# (needs the repository root importable: modules.TransformerASR)", ""]
+            f"# Load: speechbrain.inference.ASR.{KINDS[kind]}.from_hparams(source=<this folder>)",
+            "# (needs the modules package: pip install -e <repository>, or run from its root)",
+            "# The nodes below model_kind are the training recipe's, values resolved.", ""]
     head += [f"{k}: {_scalar(hparams[k])}" for k in keys]
-    # the model's validated config, every key (d_state, ..., bimamba_merge) as it was trained
-    mamba = ", ".join(f"{k}: {_scalar(v)}" for k, v in hparams["Transformer"].mamba_config.items())
-    model = MODEL.replace("{mamba_config}", "{{" + mamba + "}}")  # braces survive .format
+    head.append(f"model_kind: {kind}  # read back by recipes.export.exported_kind")
+    text = StringIO()
+    yaml = ruamel.yaml.YAML()
+    yaml.width = 100
+    yaml.dump(_model_nodes(hparams, kind, with_lm), text)
+    body = text.getvalue()
     if kind == "CTC":
-        body = model.format(decoder_line="") + CTC
+        body += CTC
     else:
-        body = model.format(decoder_line="decoder_module: !ref <decoder_module>") + S2S.format(
-            lm_block=LM if with_lm else "",
+        body += S2S.format(
+            lm_scorer=LM_SCORER if with_lm else "",
             scorers="!ref <ctc_scorer>, !ref <lm_scorer>" if with_lm else "!ref <ctc_scorer>",
             weights=("ctc: !ref <ctc_weight_decode>\n        transformerlm: !ref <lm_weight>"
-                     if with_lm else "ctc: !ref <ctc_weight_decode>"),
-            lm_loadable="\n        lm: !ref <lm_model>" if with_lm else "")
-    return "\n".join(head) + "\n" + body
+                     if with_lm else "ctc: !ref <ctc_weight_decode>"))
+    body += LOADING.format(lm_loadable="\n        lm: !ref <lm_model>" if with_lm else "")
+    return "\n".join(head) + "\n\n" + body
+
+
+def exported_kind(model_dir):
+    """'CTC' or 'S2S' as recorded in an exported folder's hyperparams.yaml (``model_kind``).
+
+    Folders exported before the kind was recorded wrote a ``decoder`` node exactly for S2S
+    models: their kind is read from that, with a log line asking to re-export.
+    """
+    path = os.path.join(model_dir, "hyperparams.yaml")
+    with open(path) as f:
+        tree = ruamel.yaml.YAML().load(f) or {}
+    kind = tree.get("model_kind")
+    if kind is None:
+        kind = "S2S" if "decoder" in tree else "CTC"
+        logger.warning(f"{path} predates the recorded model_kind (read as {kind}); re-export it "
+                       f"to record it: python train_{kind}.py <its recipe YAML and overrides> "
+                       "--test_only")
+    if kind not in KINDS:
+        raise RecipeError(f"{path}: model_kind is {kind!r}, expected CTC or S2S; re-export the "
+                          "model with train_CTC.py / train_S2S.py --test_only")
+    return kind
 
 
 def _vocab_size(tokenizer_file):

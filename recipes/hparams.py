@@ -1,10 +1,21 @@
 """Loading a recipe YAML: command-line overrides routed into its included common file, device
 presets, and one flat hparams dict for the Brain.
 
-A recipe file (hparams/CTC/*.yaml, hparams/S2S/*.yaml) holds the model sizes as top-level keys
-and includes the shared training file under one key (``recipe: !include:../common/S2S.yaml``),
-passing the sizes into it. ``--key value`` overrides go to the top level when the key is there,
-otherwise into the included file; unknown keys are an error (no silent typos).
+A recipe file (hparams/CTC/*.yaml, hparams/S2S/*.yaml) writes its values once, in an anchored
+block, and YAML merge keys give them both to the shared file it includes and to its own top level
+(so that plain ``load_hyperpyyaml`` sees them too)::
+
+    recipe_hparams: &recipe_hparams
+        d_model: 512
+        ...
+    <<: *recipe_hparams
+    recipe: !include:../common/S2S.yaml
+        <<: *recipe_hparams
+
+Merge keys copy values when the file is parsed, so a ``--key value`` override of a key of that
+block is written to the block, the top level and the include; a key of the included file alone
+goes into the include, a top-level key (data_folder) to the top level. Unknown keys are an error
+(no silent typos).
 """
 
 import difflib
@@ -16,6 +27,8 @@ from hyperpyyaml import load_hyperpyyaml, resolve_references
 
 from recipes import RecipeError
 from recipes.device import PRESETS
+
+RECIPE_BLOCK = "recipe_hparams"  # the recipes' anchored block of values (see above)
 
 
 def _read_tree(path):
@@ -30,6 +43,12 @@ def _include_key(tree):
         if tag.startswith("!include:"):
             return key, tag[len("!include:"):]
     return None, None
+
+
+def _block_key(tree, inc_key):
+    """The top-level key of the anchored block merged into the include node, or None."""
+    merged = [id(m) for m in getattr(tree[inc_key], "merge", None) or []] if inc_key else []
+    return next((k for k, node in tree.items() if id(node) in merged), None)
 
 
 def parse_overrides(overrides):
@@ -52,11 +71,15 @@ def route_overrides(path, overrides, free_keys=()):
     inner = {}
     if inc_key is not None:
         inner = _read_tree(os.path.join(os.path.dirname(os.path.abspath(path)), inc_file))
-    routed, nested = {}, {}
+    block_key = _block_key(tree, inc_key)
+    block = tree[block_key] if block_key else {}
+    routed, nested, in_block = {}, {}, {}
     for key, value in parse_overrides(overrides).items():
-        if key in inner and key not in tree:
+        if key in block:  # merged at parse time: every copy gets the new value
+            routed[key] = nested[key] = in_block[key] = value
+        elif key in inner and key not in tree:
             nested[key] = value
-        elif (key in tree and key != inc_key) or key in free_keys:
+        elif (key in tree and key not in (inc_key, block_key)) or key in free_keys:
             routed[key] = value
         else:
             known = [k for k in dict.fromkeys([*tree, *inner]) if not str(k).startswith("__")]
@@ -66,21 +89,33 @@ def route_overrides(path, overrides, free_keys=()):
                            f"its included {inc_file or 'file'}).{hint}")
     if nested:
         routed[inc_key] = nested
+    if in_block:
+        routed[block_key] = in_block
     return routed, inc_key
 
 
 def flatten(hparams, inc_key):
-    """Merges the included file's dict into the top level (top-level keys win); drops '__' keys."""
+    """Merges the included file's dict into the top level (top-level keys win); drops '__' keys
+    and the recipe's block of values (they are top-level keys already)."""
     flat = dict(hparams[inc_key]) if inc_key in hparams else {}
     flat.update({k: v for k, v in hparams.items() if k != inc_key})
-    return {k: v for k, v in flat.items() if not str(k).startswith("__")}
+    return {k: v for k, v in flat.items()
+            if not str(k).startswith("__") and k != RECIPE_BLOCK}
 
 
 def preview(path, routed, inc_key):
-    """The recipe with references resolved but no object built: a flat dict of plain values."""
+    """The recipe with references resolved but no object built: a flat dict of ruamel nodes
+    (plain values, and tagged mappings for the objects: ``!new:...``)."""
     with open(path) as f:
         text = resolve_references(f, routed).getvalue()
     return flatten(ruamel.yaml.YAML().load(StringIO(text)) or {}, inc_key)
+
+
+def resolved_yaml(path, routed, inc_key):
+    """The text of ``preview``: the recipe as one flat YAML file, every value resolved."""
+    out = StringIO()
+    ruamel.yaml.YAML().dump(preview(path, routed, inc_key), out)
+    return out.getvalue()
 
 
 def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
@@ -96,7 +131,8 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
 
     Returns
     -------
-    hparams : flat dict of built objects and values (hparams["model"] is the trainable model).
+    hparams : flat dict of built objects and values (hparams["model"] is the trainable model;
+        hparams["recipe_yaml"] is the recipe resolved as text, which recipes.export reuses).
     routed : the overrides as applied (nested), for saving the resolved YAML.
     settings : {key: (value, source)} for the device-dependent keys.
     """
@@ -118,5 +154,6 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
     fill = {k: v for k, (v, src) in settings.items() if src != "yaml" and k not in user}
     routed, inc_key = route_overrides(path, {**user, **fill}, free_keys=tuple(PRESETS[kind]))
     with open(path) as f:
-        hparams = load_hyperpyyaml(f, routed, overrides_must_match=False)
-    return flatten(hparams, inc_key), routed, settings
+        hparams = flatten(load_hyperpyyaml(f, routed, overrides_must_match=False), inc_key)
+    hparams["recipe_yaml"] = resolved_yaml(path, routed, inc_key)
+    return hparams, routed, settings

@@ -8,7 +8,6 @@ merge_name. Work already done with the same options is skipped.
 The command line is librispeech_prepare.py at the repository root.
 """
 
-import csv
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import soundfile
 
 from recipes import RecipeError
+from recipes.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ class PrepareError(RecipeError, FileNotFoundError):
     """LibriSpeech folder, split or file missing."""
 
 
-HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 OPTIONS_FILE = "librispeech_prepare.json"
 
 
@@ -64,10 +63,10 @@ def prepare_librispeech(data_folder, save_folder, tr_splits=(), dev_splits=(), t
     rows = {}
     for split in splits:
         rows[split] = _split_rows(data_folder, split)
-        _write_csv(os.path.join(save_folder, f"{split}.csv"), rows[split])
+        write_manifest(os.path.join(save_folder, f"{split}.csv"), rows[split])
         logger.info(f"{split}: {len(rows[split])} utterances")
     if merge_lst:
-        _write_csv(os.path.join(save_folder, merge_name),
+        write_manifest(os.path.join(save_folder, merge_name),
                    [r for s in merge_lst for r in rows[s]])
     with open(options_path, "w") as f:
         json.dump(options, f)
@@ -103,14 +102,6 @@ def _split_rows(data_folder, split):
     items.sort()
     with ThreadPoolExecutor(max_workers=8) as pool:
         durations = list(pool.map(lambda it: soundfile.info(it[1]).duration, items))
-    return [[utt_id, f"{d:.3f}", os.path.relpath(audio, data_folder), utt_id.split("-")[0],
-             " ".join(text.split())] for (utt_id, audio, text), d in zip(items, durations)]
-
-
-def _write_csv(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        writer.writerows(rows)
-    os.replace(tmp, path)  # no half-written manifest if interrupted
+    return [{"ID": utt_id, "duration": f"{d:.3f}", "wav": os.path.relpath(audio, data_folder),
+             "spk_id": utt_id.split("-")[0], "wrd": " ".join(text.split())}
+            for (utt_id, audio, text), d in zip(items, durations)]

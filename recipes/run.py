@@ -1,4 +1,5 @@
-"""Start-up and wrap-up shared by train_CTC.py and train_S2S.py."""
+"""What train_CTC.py and train_S2S.py run: set-up (command line, device presets, recipe, DDP,
+experiment folder, LibriSpeech preparation) and the train / test / export sequence."""
 
 import dataclasses
 import logging
@@ -68,23 +69,46 @@ def setup(argv, kind, mps_note=None):
     return hparams_file, hparams, run_opts
 
 
-def attach_tensorboard(brain, hparams):
-    """Gives the Brain a TensorBoard logger (on every process: its log_stats synchronises them
-    and writes on the main one only)."""
-    if hparams.get("tensorboard_logger") is not None:
-        brain.tensorboard = hparams["tensorboard_logger"]()
+def recipe_tokenizer(hparams, kind, device):
+    """(tokenizer, tokenizer file, LM or None): CTC trains its tokenizer on train_csv; S2S takes
+    tokenizer and LM from pretrained_lm_tokenizer_path (no_lm: no LM, tokenizer trained)."""
+    from recipes.tokenizer import s2s_tokenizer, train_tokenizer
+
+    if kind == "CTC":
+        return (*train_tokenizer(hparams), None)
+    lm_model = None if hparams["no_lm"] else hparams["lm_model"]()
+    tokenizer, tokenizer_file = s2s_tokenizer(hparams, lm_model)
+    if lm_model is not None:
+        lm_model.to(device).eval().requires_grad_(False)
+    return tokenizer, tokenizer_file, lm_model
 
 
-def fit_and_test(brain, hparams, run_opts, train, valid, tests, train_opts, valid_opts, wer_name):
-    """Trains (unless skip_train / --test_only), then evaluates every test set with the
-    averaged best checkpoints, writing <output_wer_folder>/{wer,cer}_<test set>.txt."""
+def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
+    """The whole recipe: set-up, tokenizer (+ LM), data, training (unless skip_train /
+    --test_only), testing with the averaged best checkpoints, export to inference_folder.
+
+    brain_class : a RecipeBrain subclass (its ``kind`` is 'CTC' or 'S2S').
+    make_test_searcher : (hparams, tokenizer, lm_model or None) -> the test searcher.
+    """
+    from recipes.data import dataio_prepare, loader_kwargs
+    from recipes.export import export_inference_folder
+
+    kind = brain_class.kind
+    _, hparams, run_opts = setup(argv, kind, mps_note)
+    tokenizer, tokenizer_file, lm_model = recipe_tokenizer(hparams, kind, run_opts.device)
+    train, valid, tests, train_sampler, valid_sampler = dataio_prepare(
+        hparams, tokenizer, with_bos_eos=kind == "S2S")
+    train_opts, valid_opts = loader_kwargs(hparams, train_sampler, valid_sampler)
+    tensorboard = hparams.get("tensorboard_logger")
+    brain = brain_class(
+        modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+        run_opts=run_opts, checkpointer=hparams["checkpointer"], tokenizer=tokenizer,
+        test_searcher=make_test_searcher(hparams, tokenizer, lm_model),
+        # on every process: its log_stats synchronises them and writes on the main one only
+        tensorboard=tensorboard() if tensorboard is not None else None)
     if not hparams["skip_train"] and not run_opts.test_only:
         brain.fit(brain.hparams.epoch_counter, train, valid,
                   train_loader_kwargs=train_opts, valid_loader_kwargs=valid_opts)
-    os.makedirs(hparams["output_wer_folder"], exist_ok=True)
-    for name, dataset in tests.items():
-        brain.result_files = {
-            "wer": os.path.join(hparams["output_wer_folder"], f"{wer_name}_{name}.txt"),
-            "cer": os.path.join(hparams["output_wer_folder"], f"cer_{name}.txt"),
-        }
-        brain.evaluate_best(dataset, test_loader_kwargs=hparams["test_dataloader_opts"])
+    brain.test(tests, wer_name="wer_no_lm" if kind == "S2S" and lm_model is None else "wer")
+    run_on_main(export_inference_folder, args=[hparams, kind, tokenizer_file],
+                kwargs={"lm_model": lm_model})

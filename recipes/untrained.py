@@ -1,13 +1,14 @@
 """Randomly initialised models exported as inference folders, and speech-like test audio: what the
 tests and benchmarks transcribe with when no trained model is at hand (no training, seconds)."""
 
-import csv
 import glob
 import os
 
 import numpy as np
 import soundfile
 import torch
+
+from recipes.manifest import write_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = os.path.join(REPO, "data", "mini_corpus", "sentences.txt")
@@ -34,6 +35,15 @@ def speech_like(seconds, seed=0):
     return np.resize(loop, need).astype("float32")
 
 
+def train_text_csv(path, n_sentences=10000):
+    """Writes a manifest of the first n_sentences of data/mini_corpus/sentences.txt (text only:
+    what a tokenizer trains on; the audio columns are dummies). Returns its path."""
+    with open(SENTENCES) as f:
+        lines = [line.strip() for line in f if line.strip()][:n_sentences]
+    return write_manifest(path, [{"ID": f"s{i}", "duration": 1.0, "wav": "unused.wav",
+                                  "spk_id": "spk", "wrd": line} for i, line in enumerate(lines)])
+
+
 def export_untrained(recipe, kind, folder, overrides=None, n_sentences=10000):
     """Exports a randomly initialised model of `recipe` ('CTC'|'S2S') as an inference folder.
 
@@ -46,13 +56,7 @@ def export_untrained(recipe, kind, folder, overrides=None, n_sentences=10000):
     from recipes.tokenizer import train_tokenizer
 
     os.makedirs(os.path.join(folder, "save"), exist_ok=True)
-    text_csv = os.path.join(folder, "sentences.csv")
-    with open(SENTENCES) as f:
-        lines = [line.strip() for line in f if line.strip()][:n_sentences]
-    with open(text_csv, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
-        writer.writerows([f"s{i}", 1.0, "unused.wav", "spk", line] for i, line in enumerate(lines))
+    text_csv = train_text_csv(os.path.join(folder, "sentences.csv"), n_sentences)
     values = {"output_folder": folder, "train_csv": text_csv, "skip_prep": True,
               "data_folder": folder}
     if kind == "S2S":

@@ -3,6 +3,7 @@ layouts, command-line knobs (Mamba sizes, encoder choice) and override checking.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,20 @@ def test_overrides_are_routed_and_checked(repo_root, tmp_path):
     assert hp["model"][1].encoder.layers[0].mamba.in_proj.in_features == 48  # recipe key
     with pytest.raises(RecipeError, match="Unknown hyperparameter 'd_stat'.*Did you mean: d_state"):
         _tiny(repo_root, tmp_path, d_stat=8)
+
+
+@pytest.mark.parametrize("rel", RECIPES)
+def test_recipe_values_are_written_once(rel):
+    """No pass-through lines (``key: !ref <key>``): the recipe's block reaches the included file
+    and the top level through YAML merge keys."""
+    text = (REPO / rel).read_text()
+    include = re.search(r"^recipe: !include:.*\n((?:[ #].*\n|\n)*)", text, re.M).group(1)
+    assert include.split() == ["<<:", "*recipe_hparams"]
+    assert not re.search(r"^\s+(\w+): !ref <\1>\s*(#.*)?$", text.split("\nrecipe:")[0], re.M)
+    assert text.count("<<: *recipe_hparams") == 2
+
+
+def test_override_of_a_recipe_value_reaches_every_copy(repo_root, tmp_path):
+    hp = _tiny(repo_root, tmp_path, d_model=48, number_of_epochs=3)  # both set by tiny.yaml
+    assert hp["d_model"] == 48 and hp["model"][1].encoder.layers[0].mamba.in_proj.in_features == 48
+    assert hp["number_of_epochs"] == 3 and hp["epoch_counter"].limit == 3

@@ -3,7 +3,6 @@
 Data: a few rows of the bundled corpus (data/mini_corpus), else of ../shared/data/real_speech.
 """
 
-import csv
 import os
 import shutil
 import socket
@@ -17,6 +16,7 @@ import soundfile
 import torch
 
 from recipes import RecipeError
+from recipes.manifest import read_rows, write_manifest
 from recipes.tokenizer import load_pretrained, s2s_tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -25,18 +25,7 @@ BUNDLED = REPO / "data" / "mini_corpus"
 SHARED = REPO.parent / "shared" / "data" / "real_speech"
 
 
-def _read(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
+_read, _write = read_rows, write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ weights. Needs flashlight-text at decoding time (pip install -r requirements-lm.
 import argparse
 import sys
 
-from recipes import RecipeError
+from recipes import RecipeError, run_cli
 
 
 def main(argv=None):
@@ -50,8 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as e:
-        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main, sys.argv[1:]))

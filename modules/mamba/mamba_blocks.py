@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import selective_scan, selective_scan_torch
+from .scan import selective_scan, selective_scan_torch, state_dtype
 
 
 class MambaCache:
@@ -51,6 +51,15 @@ def _lengths(pad_mask, x):
     if not torch.equal(pad_mask, steps[None, :] >= lengths[:, None]):
         raise ValueError("pad_mask must mark right padding only (True after each sequence's end)")
     return lengths
+
+
+def valid_lengths(x, pad_mask=None):
+    """Valid frames per sequence, (B,) long, of x (B, L, ...): L for every sequence without a
+    pad_mask, else counted from the (checked) right-padding mask. Layer stacks call it once per
+    forward and pass ``lengths`` to each Mamba / BiMamba."""
+    if pad_mask is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+    return _lengths(pad_mask, x)
 
 
 def _reverse_valid(x, lengths):
@@ -173,7 +182,7 @@ class Mamba(nn.Module):
         x = self._causal_conv(x, conv, cache, lengths)
         dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ dt_proj.weight.t()  # (B, L, d_inner); the bias is added in the scan
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # state precision
+        ct = state_dtype(x.dtype)
         A = -torch.exp(A_log.to(ct))
         # The scan takes (B, d, L) tensors: transposed views, no copies.
         u, delta, z, B, C = (t.transpose(1, 2) for t in (x, delta, z, B, C))
@@ -200,15 +209,17 @@ class Mamba(nn.Module):
 
     # ---- public API ----------------------------------------------------------------------------
 
-    def forward(self, x, pad_mask=None, cache=None):
-        """x: (B, L, d_model); pad_mask: (B, L) bool, True at (right) padding; cache: MambaCache.
+    def forward(self, x, pad_mask=None, cache=None, lengths=None):
+        """x: (B, L, d_model); pad_mask: (B, L) bool, True at (right) padding; cache: MambaCache;
+        lengths: (B,) long, valid_lengths(x, pad_mask) when the caller has it (else derived here).
 
         With a cache the sequence continues from the cached state, and the cache is updated in
         place to the state after each sequence's last valid frame. Returns (B, L, d_model), zero at
         padded frames.
         """
         self._check_input(x)
-        lengths = None if pad_mask is None else _lengths(pad_mask, x)
+        if pad_mask is not None and lengths is None:
+            lengths = _lengths(pad_mask, x)
         if pad_mask is not None:  # causal: padding cannot reach valid frames; this also keeps
             x = x.masked_fill(pad_mask[:, :, None], 0.0)  # non-finite junk out of the gradients
         if cache is not None:
@@ -226,11 +237,11 @@ class Mamba(nn.Module):
         """Zero state: conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state)."""
         weight = self.in_proj.weight
         device = weight.device if device is None else device
-        state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        conv_dtype = state_dtype if dtype is None else dtype
+        ssm_dtype = state_dtype(weight.dtype)
+        conv_dtype = ssm_dtype if dtype is None else dtype
         return MambaCache(
             torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype),
-            torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+            torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
     def _check_cache(self, cache, batch):
@@ -306,7 +317,8 @@ class BiMamba(Mamba):
         return super()._directions() + [
             (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)]
 
-    def forward(self, x, pad_mask=None, cache=None):
+    def forward(self, x, pad_mask=None, cache=None, lengths=None):
+        """As Mamba.forward, without cache (no recurrent mode)."""
         if cache is not None:
             raise NotImplementedError(
                 "BiMamba looks at the whole sequence; it has no recurrent mode")
@@ -317,7 +329,8 @@ class BiMamba(Mamba):
             y_f = self._ssm(xz, forward_dir)
             y_b = self._ssm(xz.flip(1), backward_dir).flip(1)
         else:
-            lengths = _lengths(pad_mask, x)
+            if lengths is None:
+                lengths = _lengths(pad_mask, x)
             # keeps non-finite junk in the padding out of the gradients
             xz = self.in_proj(x.masked_fill(pad_mask[:, :, None], 0.0))
             y_f = self._ssm(xz, forward_dir, lengths)

@@ -27,8 +27,9 @@ BLOCK_FLOATS = 1 << 20  # elements of one (T, batch, d_state, d_inner) work buff
 CHUNK_FLOATS = 1 << 20  # elements of one time-major (w, batch, d_inner) chunk buffer
 
 
-def _compute_dtype(dtype):
-    """The scan runs in float32 (float64 stays float64, e.g. for gradcheck)."""
+def state_dtype(dtype):
+    """The dtype of the scan and of Mamba's recurrent states for inputs / weights of ``dtype``:
+    float32 (also under bf16/fp16 autocast), except that float64 stays float64 (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -78,7 +79,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     The loop uses ``unbind`` rather than ``x[..., t]``: autograd of per-step slicing costs O(L^2).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    ct = _compute_dtype(u.dtype)
+    ct = state_dtype(u.dtype)
     dt = delta.to(ct)
     if delta_bias is not None:
         dt = dt + delta_bias.to(ct)[:, None]
@@ -425,7 +426,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     initial_state (batch, d_inner, d_state) continues a sequence (streaming); gradients flow to it.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    ct = _compute_dtype(u.dtype)
+    ct = state_dtype(u.dtype)
     if u.shape[2] == 0:
         last = (u.new_zeros(u.shape[0], A.shape[0], A.shape[1], dtype=ct) if initial_state is None
                 else initial_state.detach().to(ct).clone())
