@@ -80,7 +80,6 @@ def load_pretrained(hparams, lm_model=None):
     )
     try:
         run_on_main(pretrainer.collect_files)
-        pretrainer.load_collected()
     except Exception as e:  # hub/network/file errors come in many types
         where = ("the Hugging Face hub is not reachable or has no such repository"
                  if is_hub_id(source) else "the folder lacks " +
@@ -91,8 +90,33 @@ def load_pretrained(hparams, lm_model=None):
             "Use --pretrained_lm_tokenizer_path /local/folder (holding lm.ckpt and "
             "tokenizer.ckpt), or --no_lm True to decode without LM and train the tokenizer on "
             "your transcripts.") from e
+    try:
+        pretrainer.load_collected()
+    except RuntimeError as e:  # the LM's shapes differ from lm_model's (size mismatch)
+        raise RecipeError(
+            f"lm.ckpt of {source} does not fit the recipe's lm_model "
+            f"({str(e).splitlines()[0]}): {lm_size_flags(hparams)}") from e
     _check_vocab(tokenizer, hparams["output_neurons"], source)
     return tokenizer, os.path.join(hparams["save_folder"], "tokenizer.ckpt")
+
+
+def lm_size_flags(hparams):
+    """What to pass so that lm_model fits the LM in pretrained_lm_tokenizer_path (read from the
+    shapes of its lm.ckpt, a SpeechBrain TransformerLM state_dict)."""
+    import torch
+
+    path = os.path.join(hparams["save_folder"], "lm.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        vocab, d_model = state["custom_src_module.emb.Embedding.weight"].shape
+        d_ffn = state["encoder.layers.0.pos_ffn.ffn.0.weight"].shape[0]
+        layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    except Exception:  # not a TransformerLM state_dict: no sizes to suggest
+        return ("pass the sizes it was trained with (--lm_d_model, --lm_nhead, --lm_num_layers, "
+                "--lm_d_ffn; train_LM.py prints them)")
+    return (f"it was trained with --output_neurons {vocab} --lm_d_model {d_model} "
+            f"--lm_num_layers {layers} --lm_d_ffn {d_ffn} (and its --lm_nhead; train_LM.py "
+            "prints it): pass these")
 
 
 def s2s_tokenizer(hparams, lm_model=None):

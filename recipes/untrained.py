@@ -48,23 +48,25 @@ def export_untrained(recipe, kind, folder, overrides=None, n_sentences=10000):
     """Exports a randomly initialised model of `recipe` ('CTC'|'S2S') as an inference folder.
 
     The tokenizer is trained as the recipe does (SentencePiece, recipe's token type and
-    output_neurons) on the first n_sentences of data/mini_corpus/sentences.txt; the feature
+    output_neurons) on the first n_sentences of data/mini_corpus/sentences.txt, or, for S2S with
+    overrides {"no_lm": False, "pretrained_lm_tokenizer_path": ...}, loaded with the LM, which
+    is then exported too; the feature
     normaliser gets its statistics from 20 s of speech_like audio. Returns the folder.
     """
     from recipes.export import export_inference_folder
     from recipes.hparams import load_recipe
-    from recipes.tokenizer import train_tokenizer
+    from recipes.run import recipe_tokenizer
 
     os.makedirs(os.path.join(folder, "save"), exist_ok=True)
     text_csv = train_text_csv(os.path.join(folder, "sentences.csv"), n_sentences)
     values = {"output_folder": folder, "train_csv": text_csv, "skip_prep": True,
               "data_folder": folder}
     if kind == "S2S":
-        values["no_lm"] = True
+        values["no_lm"] = True  # unless overrides give an LM folder and no_lm False
     hparams, _, _ = load_recipe(recipe, {**values, **(overrides or {})}, "cpu")
-    _, tokenizer_file = train_tokenizer(hparams)
+    _, tokenizer_file, lm_model = recipe_tokenizer(hparams, kind, "cpu")
     with torch.no_grad():
         wav = torch.from_numpy(speech_like(20.0)).unsqueeze(0)
         hparams["normalize"].train()
         hparams["normalize"](hparams["compute_features"](wav), torch.ones(1), epoch=0)
-    return export_inference_folder(hparams, kind, tokenizer_file)
+    return export_inference_folder(hparams, kind, tokenizer_file, lm_model=lm_model)
