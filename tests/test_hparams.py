@@ -34,8 +34,8 @@ COUNTS = {  # trainable parameters of `model` (the official recipes' counts, and
 LAYOUTS = {"hparams/S2S/conmamba_small.yaml": "S2S_conmamba_small.txt",
            "hparams/S2S/conmambamamba_small.yaml": "S2S_conmambamamba_small.txt",
            "hparams/CTC/conmamba_large.yaml": "CTC_conmamba_large.txt"}
-SIZE_KEYS = ["d_model", "nhead", "num_encoder_layers", "d_ffn", "output_neurons", "d_state",
-             "expand", "d_conv", "bidirectional"]
+SIZE_KEYS = ["d_model", "nhead", "num_encoder_layers", "d_ffn", "output_neurons"]
+MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional"]
 
 
 def count(model):
@@ -70,6 +70,9 @@ def test_yaml_builds_its_model(built, rel):
     hp = built(rel)
     model = hp["model"]
     assert all(k in hp for k in SIZE_KEYS + ["num_decoder_layers"] * ("/S2S/" in rel))
+    # the Mamba sweep keys are the recipe's own keys exactly when it has Mamba layers
+    uses_mamba = "mamba" in f"{hp['encoder_module']} {hp.get('decoder_module')}"
+    assert all((k in hp) == uses_mamba for k in MAMBA_KEYS), rel
     kinds = [ConvolutionFrontEnd, TransformerASR] + [Linear] * (2 if "/S2S/" in rel else 1)
     assert [type(m) for m in model] == kinds  # [CNN, Transformer, (seq_lin,) ctc_lin]
     if rel in COUNTS:
