@@ -9,7 +9,8 @@ import sys
 import speechbrain as sb
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from recipes.device import RUN_OPTION_KEYS, mamba_scan_line, resolve_device
+from modules.mamba.scan import describe_backend
+from recipes.device import RUN_OPTION_KEYS, resolve_device
 from recipes.hparams import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def setup(argv, kind, mps_note=None):
         lines.append(f"  (dynamic batches of up to {hparams['max_batch_length_train']} s of "
                      "audio; batch_size unused)")
     if "mamba" in f"{hparams.get('encoder_module')} {hparams.get('decoder_module')}":
-        lines.append(f"  {mamba_scan_line(device)}")
+        lines.append(f"  {describe_backend(device)}")
     lines += [f"  {mps_note}"] if mps_note else []
     lines.append(f"  output folder: {hparams['output_folder']}")
     if if_main_process():

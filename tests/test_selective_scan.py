@@ -222,8 +222,8 @@ def test_backend_resolution_and_errors(monkeypatch):
     assert ss.resolve_backend("AUTO", u) == "torch"
     with pytest.raises(ValueError, match="needs CUDA tensors.*backend='torch'"):
         ss.resolve_backend("cuda", u)
-    with pytest.raises(ValueError, match="unknown backend 'triton'.*backend argument"):
-        ss.resolve_backend("triton", u)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'.*backend argument"):
+        ss.resolve_backend("tpu", u)
     monkeypatch.setenv("MAMBA_SCAN_BACKEND", "gpu")
     with pytest.raises(ValueError, match="unknown backend 'gpu'.*MAMBA_SCAN_BACKEND"):
         ss.resolve_backend(None, u)
