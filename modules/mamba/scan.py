@@ -495,6 +495,12 @@ def _triton_scan():
     return selective_scan_triton, None
 
 
+def cuda_backends_status():
+    """{"cuda": why not or None, "triton": why not or None}: whether mamba-ssm's kernel and the
+    Triton scan can run on CUDA tensors in this process (benchmarks/gpu_check.py lists them)."""
+    return {"cuda": _mamba_ssm_kernel()[1], "triton": _triton_scan()[1]}
+
+
 def _triton_runs_on(device_type):
     if device_type == "cuda":
         return True
