@@ -40,6 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import speechbrain  # noqa: E402,F401  (switches TF32 on at import: parity_rows turns it off)
+
 import modules.mamba.scan as ss  # noqa: E402
 from recipes.hparams import load_recipe  # noqa: E402
 
@@ -84,7 +86,8 @@ def make_inputs(batch, d_inner, d_state, length, device, seed=0):
     def randn(*shape):
         return torch.randn(*shape, generator=g)
 
-    A = -torch.arange(1, d_state + 1.0).expand(d_inner, -1) * torch.exp(0.3 * randn(d_inner, d_state))
+    A = -torch.arange(1, d_state + 1.0).expand(d_inner, -1)
+    A = A * torch.exp(0.3 * randn(d_inner, d_state))
     inputs = {"u": randn(batch, d_inner, length), "delta": 0.5 * randn(batch, d_inner, length),
               "A": A, "B": randn(batch, d_state, length), "C": randn(batch, d_state, length),
               "D": 1 + 0.1 * randn(d_inner), "z": randn(batch, d_inner, length),

@@ -315,3 +315,9 @@ def test_lengths_freeze_the_state_past_each_sequence(backend, small_blocks):
     assert got["out"][1, :, 6:].abs().max() == 0 and got["du"][1, :, 6:].abs().max() == 0
     for name, value in want.items():
         assert rel_err(got[name], value) < 1e-10, name
+
+
+def test_lengths_of_the_wrong_shape_give_a_clear_error():
+    inputs = make_inputs(2, 4, 3, 10, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        selective_scan(*(inputs[k] for k in ARG_NAMES), lengths=torch.tensor([3]))

@@ -40,7 +40,7 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None, lengths=None):
     if u.dim() != 3:
         raise ValueError(
             f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
@@ -58,6 +58,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
         "z": (z, (batch, d_inner, length)),
         "delta_bias": (delta_bias, (d_inner,)),
         "initial_state": (initial_state, (batch, d_inner, d_state)),
+        "lengths": (lengths, (batch,)),
     }
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
@@ -76,6 +77,15 @@ def _finish(y, u, D, z, dtype_out):
     return out.to(dtype_out)
 
 
+def _step_sizes(delta, delta_bias, delta_softplus):
+    """dt = softplus(delta + delta_bias) (or without softplus / bias) in the compute dtype."""
+    ct = _compute_dtype(delta.dtype)
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    return torch.nn.functional.softplus(dt) if delta_softplus else dt
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
     """Sequential reference: one step per frame, autograd through the loop.
@@ -87,11 +97,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     ct = _compute_dtype(u.dtype)
-    dt = delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
+    dt = _step_sizes(delta, delta_bias, delta_softplus)
     A = A.to(ct)
     uc = u.to(ct)
     h = (u.new_zeros(u.shape[0], A.shape[0], A.shape[1], dtype=ct) if initial_state is None
@@ -450,12 +456,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 def _mask_past_lengths(delta, delta_bias, delta_softplus, lengths):
     """The step sizes with frames at or past each sequence's length set to 0 (state unchanged
     there): (dt (batch, d_inner, L) in the compute dtype, valid (batch, 1, L) bool)."""
-    ct = _compute_dtype(delta.dtype)
-    dt = delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
+    dt = _step_sizes(delta, delta_bias, delta_softplus)
     steps = torch.arange(delta.shape[2], device=delta.device)
     valid = (steps[None, :] < lengths.to(delta.device)[:, None])[:, None, :]
     return dt * valid, valid
@@ -630,7 +631,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``return_last_state`` also the final state (batch, d_inner, d_state) (float32; no gradient
     flows through it, as in mamba-ssm).
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
     streaming = initial_state is not None or lengths is not None
     choice, why = _resolve(backend, u.device.type, u.dtype, streaming)
     _log_first_use(choice, why, u.device.type)

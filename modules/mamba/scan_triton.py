@@ -9,11 +9,11 @@ the adjoint recursion backwards over the chunk), with the time loop inside the k
   float32 registers and walks through time; d_state is a ``tl.arange`` dimension;
 - forward writes out (batch, d_inner, L), the last state and the chunk-entry states
   (batch, n_chunks, d_inner, d_state) float32;
-- backward keeps per program one chunk of recomputed states (CHUNK + 1, BLOCK_D, d_state) as scratch:
-  nothing of size (batch, d_inner, L, d_state) is ever materialised.
+- backward keeps per program one chunk of recomputed states (CHUNK + 1, BLOCK_D, d_state) as
+  scratch: nothing of size (batch, d_inner, L, d_state) is ever materialised.
 
-Beyond mamba-ssm's arguments it takes ``initial_state`` (batch, d_inner, d_state) (streaming; it gets
-a gradient) and ``lengths`` (batch,): frames at or past a sequence's length leave its state
+Beyond mamba-ssm's arguments it takes ``initial_state`` (batch, d_inner, d_state) (streaming; it
+gets a gradient) and ``lengths`` (batch,): frames at or past a sequence's length leave its state
 unchanged, their outputs and input gradients are zero, and the last state is the state at the
 length. The math is that of mamba-ssm's selective scan (Tri Dao, Albert Gu; Apache-2.0); the code is
 written for this project.
@@ -31,8 +31,8 @@ import triton.language as tl
 from .scan import _check_shapes, _empty_like_layout
 
 CHUNK = 64  # time steps between saved states; the backward recomputes one chunk at a time
-BLOCK_D = 64  # channels per program
-SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above this, as torch and mamba-ssm's kernel
+BLOCK_D = 32  # channels per program (at 64 the kernels need ~1.7x the registers: fewer per SM)
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # softplus(x) = x above this, as torch and the kernel
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,6 +62,36 @@ def _load_step(t, b_u, b_dt, b_z, b_B, b_C, u_sl, dt_sl, z_sl, B_sl, C_sl, offs_
     return u, pre, dt, z, Bt, Ct, dA
 
 
+@triton.jit
+def _program_setup(pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+                   len_ptr, d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb,
+                   B_sn, C_sb, C_sn, A_sd, A_sn, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr):
+    """What a (sequence pid_b, channel block pid_d) program reads once: channel and state offsets
+    and masks, A (BLOCK, N_PAD), D, bias (BLOCK,) as float32, its length, and the base pointers
+    of its rows of u, delta, z (channels) and of B, C (states). ``dn`` indexes a contiguous
+    (batch, d_inner, d_state) float32 tensor (states, h0, last, dA) at ``state_base``."""
+    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn,
+                other=0.0).to(tl.float32)
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dn = offs_d[:, None] * d_state + offs_n[None, :]
+    state_base = pid_b * d_inner * d_state
+    seqlen = tl.load(len_ptr + pid_b).to(tl.int32) if HAS_LEN else length
+    b_u = u_ptr + pid_b * u_sb + offs_d * u_sd
+    b_dt = dt_ptr + pid_b * dt_sb + offs_d * dt_sd
+    b_z = z_ptr + pid_b * z_sb + offs_d * z_sd
+    b_B = B_ptr + pid_b * B_sb + offs_n * B_sn
+    b_C = C_ptr + pid_b * C_sb + offs_n * C_sn
+    return (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt,
+            b_z, b_B, b_C)
+
+
 @triton.jit(do_not_specialize=["d_inner", "length", "d_state", "n_chunks"])
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, len_ptr,
@@ -75,28 +105,15 @@ def _fwd_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn,
-                other=0.0).to(tl.float32)
-    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    # (batch, d_inner, d_state) float32, contiguous: states, h0 and last share this indexing
-    dn = offs_d[:, None] * d_state + offs_n[None, :]
-    state_base = pid_b * d_inner * d_state
+    (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt, b_z,
+     b_B, b_C) = _program_setup(
+        pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr,
+        d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn,
+        A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
     if HAS_H0:
         h = tl.load(h0_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
-    seqlen = tl.load(len_ptr + pid_b).to(tl.int32) if HAS_LEN else length
-    b_u = u_ptr + pid_b * u_sb + offs_d * u_sd
-    b_dt = dt_ptr + pid_b * dt_sb + offs_d * dt_sd
-    b_z = z_ptr + pid_b * z_sb + offs_d * z_sd
-    b_B = B_ptr + pid_b * B_sb + offs_n * B_sn
-    b_C = C_ptr + pid_b * C_sb + offs_n * C_sn
     b_o = out_ptr + pid_b * o_sb + offs_d * o_sd
     for c in range(0, tl.cdiv(seqlen, CHUNK_T)):
         if SAVE_STATES:
@@ -133,23 +150,11 @@ def _bwd_kernel(
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn,
-                other=0.0).to(tl.float32)
-    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dn = offs_d[:, None] * d_state + offs_n[None, :]
-    state_base = pid_b * d_inner * d_state
-    seqlen = tl.load(len_ptr + pid_b).to(tl.int32) if HAS_LEN else length
-    b_u = u_ptr + pid_b * u_sb + offs_d * u_sd
-    b_dt = dt_ptr + pid_b * dt_sb + offs_d * dt_sd
-    b_z = z_ptr + pid_b * z_sb + offs_d * z_sd
-    b_B = B_ptr + pid_b * B_sb + offs_n * B_sn
-    b_C = C_ptr + pid_b * C_sb + offs_n * C_sn
+    (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt, b_z,
+     b_B, b_C) = _program_setup(
+        pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr,
+        d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn,
+        A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
     g_off = pid_b * g_sb + offs_d * g_sd
     # scratch (CHUNK_T + 1, BLOCK, N_PAD) of this program: slot i holds the state before step
     # t0 + i of the current chunk
@@ -230,7 +235,8 @@ class _TritonScanFn(torch.autograd.Function):
         block, n_dblocks, n_pad = _launch_geometry(A)
         n_chunks = max(1, triton.cdiv(length, CHUNK))
         f32 = torch.float32
-        A, D, delta_bias = (None if t is None else t.to(f32).contiguous() for t in (A, D, delta_bias))
+        A, D, delta_bias = (None if t is None else t.to(f32).contiguous()
+                            for t in (A, D, delta_bias))
         h0 = None if h0 is None else h0.to(f32).contiguous()
         save = any(ctx.needs_input_grad)
         out = _empty_like_layout(delta)
@@ -252,6 +258,7 @@ class _TritonScanFn(torch.autograd.Function):
         )
         ctx.delta_softplus = bool(delta_softplus)
         ctx.has_h0 = h0 is not None
+        ctx.chunk = CHUNK
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, states)
         ctx.mark_non_differentiable(last)
         return out, last
@@ -262,6 +269,7 @@ class _TritonScanFn(torch.autograd.Function):
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
         block, n_dblocks, n_pad = _launch_geometry(A)
+        chunk = ctx.chunk  # the chunks of the saved states
         f32 = torch.float32
         # du, ddelta, dz and dout share one layout (delta's); frames past a length stay zero
         layout = _empty_like_layout(delta)
@@ -274,14 +282,11 @@ class _TritonScanFn(torch.autograd.Function):
             dout = new(dout.dtype).copy_(dout)
         du, ddelta = new(u.dtype), new(delta.dtype)
         dz = None if z is None else new(z.dtype)
-        zeros = (lambda *s: u.new_zeros(s, dtype=f32)) if lengths is not None else \
-            (lambda *s: u.new_empty(s, dtype=f32))  # noqa: E731
-        dB_part, dC_part = zeros(batch, n_dblocks, d_state, length), \
-            zeros(batch, n_dblocks, d_state, length)
-        dA_part, dh0 = u.new_empty(batch, d_inner, d_state, dtype=f32), \
-            u.new_empty(batch, d_inner, d_state, dtype=f32)
+        alloc = u.new_zeros if lengths is not None else u.new_empty
+        dB_part, dC_part = (alloc(batch, n_dblocks, d_state, length, dtype=f32) for _ in range(2))
+        dA_part, dh0 = (u.new_empty(batch, d_inner, d_state, dtype=f32) for _ in range(2))
         dD_part, dbias_part = (u.new_empty(batch, d_inner, dtype=f32) for _ in range(2))
-        scratch = u.new_empty(batch * n_dblocks * (CHUNK + 1) * block * n_pad, dtype=f32)
+        scratch = u.new_empty(batch * n_dblocks * (chunk + 1) * block * n_pad, dtype=f32)
         dummy = A
         _bwd_kernel[(batch, n_dblocks)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
@@ -292,7 +297,7 @@ class _TritonScanFn(torch.autograd.Function):
             d_inner, length, d_state, states.shape[1], n_dblocks,
             *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *dout.stride(),
             *A.stride(),
-            BLOCK=block, N_PAD=n_pad, CHUNK_T=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
+            BLOCK=block, N_PAD=n_pad, CHUNK_T=chunk, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, HAS_LEN=lengths is not None,
             SOFTPLUS=ctx.delta_softplus,
         )
@@ -312,11 +317,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state) or None (zeros);
     lengths: (batch,) integer tensor or None (all L).
-    Returns out (batch, d_inner, L) in delta's dtype [, last_state (batch, d_inner, d_state) float32,
-    no gradient]. Gradients flow to every tensor input (dA, dD, ddelta_bias in float32, cast to the
-    parameters' dtypes by autograd's caller).
+    Returns out (batch, d_inner, L) in delta's dtype [, last_state (batch, d_inner, d_state)
+    float32, no gradient]. Gradients flow to every tensor input except lengths, in each input's
+    dtype.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
     device_ok = u.is_cuda or INTERPRETED
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype not in DTYPES:
@@ -328,10 +333,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             f"selective_scan_triton needs CUDA tensors, got tensors on {u.device} (or run with "
             "TRITON_INTERPRET=1 set before import, for tests); use backend='torch'")
     if lengths is not None:
-        if tuple(lengths.shape) != (u.shape[0],):
-            raise ValueError(
-                f"selective_scan_triton: lengths must have shape ({u.shape[0]},), got "
-                f"{tuple(lengths.shape)}")
         lengths = lengths.to(device=u.device, dtype=torch.int32).clamp(0, u.shape[2]).contiguous()
     out, last = _TritonScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths,
                                     bool(delta_softplus))
