@@ -307,3 +307,8 @@ def test_pad_mask_checked_once_per_mask(monkeypatch):
     mask[1, 0] = True  # now left padding as well
     with pytest.raises(ValueError, match="right padding"):
         encoder(torch.randn(2, 7, 16), src_key_padding_mask=mask)
+    with torch.inference_mode():  # inference tensors have no version counter: checked each time
+        calls.clear()
+        mask = torch.arange(7)[None, :] >= torch.tensor([7, 4])[:, None]
+        encoder(torch.randn(2, 7, 16), src_key_padding_mask=mask)
+        assert len(calls) == 3

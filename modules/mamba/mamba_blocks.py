@@ -53,14 +53,18 @@ def _lengths(pad_mask, x):
             f"pad_mask must be a bool tensor of shape (batch, L) = {tuple(x.shape[:2])} "
             f"(True at padded frames), got {pad_mask.dtype} {tuple(pad_mask.shape)}"
         )
+    # inference-mode tensors have no version counter: they are checked every time
+    version = None if pad_mask.is_inference() else pad_mask._version
     ref = _CHECKED_MASK.get("mask")
-    if ref is not None and ref() is pad_mask and _CHECKED_MASK["version"] == pad_mask._version:
+    if (version is not None and ref is not None and ref() is pad_mask
+            and _CHECKED_MASK["version"] == version):
         return _CHECKED_MASK["lengths"]
     lengths = (~pad_mask).sum(1)
     steps = torch.arange(x.shape[1], device=x.device)
     if not torch.equal(pad_mask, steps[None, :] >= lengths[:, None]):
         raise ValueError("pad_mask must mark right padding only (True after each sequence's end)")
-    _CHECKED_MASK.update(mask=weakref.ref(pad_mask), version=pad_mask._version, lengths=lengths)
+    if version is not None:
+        _CHECKED_MASK.update(mask=weakref.ref(pad_mask), version=version, lengths=lengths)
     return lengths
 
 
