@@ -116,8 +116,8 @@ def test_backend_triton_through_selective_scan(monkeypatch, caplog):
             out = selective_scan(*(inputs[k] for k in ARG_NAMES), delta_softplus=True,
                                  backend="triton")
     lines = [r.getMessage() for r in caplog.records if r.name == "modules.mamba.scan"]
-    assert lines == ["Mamba selective scan: using backend 'triton' on cpu "
-                     "(forced by the backend argument)"]
+    assert lines == ["Mamba selective scan: using the Triton scan (backend 'triton') on cpu: "
+                     "forced by the backend argument"]
     ref = selective_scan_ref(*(inputs[k] for k in ARG_NAMES), delta_softplus=True)
     assert rel_err(out, ref) < 1e-5
 

@@ -95,5 +95,7 @@ def test_mamba_scan_start_up_line(monkeypatch):
     from modules.mamba.scan import describe_backend
 
     monkeypatch.delenv("MAMBA_SCAN_BACKEND", raising=False)
-    assert describe_backend("cpu") == "Mamba selective scan: torch (tensors on cpu)"
-    assert describe_backend("mps") == "Mamba selective scan: torch (tensors on mps)"
+    assert describe_backend("cpu") == (
+        "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu)")
+    assert describe_backend("mps") == (
+        "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on mps)")

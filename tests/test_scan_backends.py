@@ -207,10 +207,12 @@ def test_stand_in_rejects_mixed_dtypes():
 def test_auto_prefers_the_kernel_then_triton_then_torch(monkeypatch):
     _install_mamba_ssm(monkeypatch)
     assert ss.describe_backend("cuda") == (
-        "Mamba selective scan: cuda (mamba-ssm's selective_scan_cuda kernel)")
+        "Mamba selective scan: mamba-ssm CUDA kernel (backend 'cuda': mamba-ssm's "
+        "selective_scan_cuda imports)")
     assert ss._resolve(None, "cuda", torch.float32, streaming=True)[0] == "triton"
     assert ss._resolve(None, "cuda", torch.float64)[0] == "torch"
-    assert ss.describe_backend("cpu") == "Mamba selective scan: torch (tensors on cpu)"
+    assert ss.describe_backend("cpu") == (
+        "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu)")
 
 
 def test_kernel_missing_falls_back_to_triton(monkeypatch):
@@ -218,7 +220,8 @@ def test_kernel_missing_falls_back_to_triton(monkeypatch):
     only on request): auto uses Triton and says why; forcing 'cuda' is a clear error."""
     _install_mamba_ssm(monkeypatch, kernel=False)
     line = ss.describe_backend("cuda:0")
-    assert line.startswith("Mamba selective scan: triton (mamba-ssm's kernel unavailable: ")
+    assert line.startswith(
+        "Mamba selective scan: Triton scan (backend 'triton': mamba-ssm's kernel unavailable: ")
     assert "selective_scan_cuda is not installed" in line and "MAMBA_KEEP_CUDA_BUILD" in line
     with pytest.raises(ValueError, match="'cuda' .from the backend argument. cannot run: "
                                          "mamba-ssm's compiled kernel selective_scan_cuda"):
@@ -252,15 +255,16 @@ def test_import_raising_any_exception_means_unavailable(monkeypatch):
     fn, why = ss._mamba_ssm_kernel()
     assert fn is None and why == "importing it raised RuntimeError: transformers is incompatible"
     assert ss.describe_backend("cuda") == (
-        "Mamba selective scan: triton (mamba-ssm's kernel unavailable: importing it raised "
-        "RuntimeError: transformers is incompatible)")
+        "Mamba selective scan: Triton scan (backend 'triton': mamba-ssm's kernel unavailable: "
+        "importing it raised RuntimeError: transformers is incompatible)")
 
 
 def test_without_triton_cuda_runs_the_torch_scan(monkeypatch):
     _install_mamba_ssm(monkeypatch, kernel=False)
     monkeypatch.setattr(ss, "_triton_scan", lambda: (None, "triton is not installed"))
     line = ss.describe_backend("cuda")
-    assert line.startswith("Mamba selective scan: torch (mamba-ssm's kernel unavailable: ")
+    assert line.startswith("Mamba selective scan: pure-PyTorch scan (backend 'torch': "
+                           "mamba-ssm's kernel unavailable: ")
     assert line.endswith("; Triton unavailable: triton is not installed)")
     with pytest.raises(ValueError, match="'triton' .from the backend argument. cannot run: "
                                          "triton is not installed"):
@@ -291,6 +295,8 @@ def test_first_call_logs_the_backend_used(caplog):
         selective_scan(*args, backend="ref")
         selective_scan(*args, backend="ref")
     assert [r.getMessage() for r in caplog.records if r.name == "modules.mamba.scan"] == [
-        "Mamba selective scan: using backend 'torch' on cpu (tensors on cpu)",
-        "Mamba selective scan: using backend 'ref' on cpu (forced by the backend argument)",
+        "Mamba selective scan: using the pure-PyTorch scan (backend 'torch') on cpu: "
+        "tensors on cpu",
+        "Mamba selective scan: using the reference loop (backend 'ref') on cpu: forced by the "
+        "backend argument",
     ]

@@ -28,6 +28,8 @@ import threading
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
+LABELS = {"cuda": "mamba-ssm CUDA kernel", "triton": "Triton scan", "torch": "pure-PyTorch scan",
+          "ref": "reference loop"}
 logger = logging.getLogger(__name__)
 LOG2E = math.log2(math.e)
 SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above this, like torch and the CUDA kernel
@@ -518,7 +520,7 @@ def _auto_backend(device_type, dtype=torch.float32, streaming=False):
         return "torch", "float64 tensors (the CUDA backends compute in float32)"
     kernel, kernel_why = _mamba_ssm_kernel()
     if kernel is not None and not streaming:
-        return "cuda", "mamba-ssm's selective_scan_cuda kernel"
+        return "cuda", "mamba-ssm's selective_scan_cuda imports"
     why = ("initial_state/lengths given (mamba-ssm's kernel takes neither)" if kernel is not None
            else f"mamba-ssm's kernel unavailable: {kernel_why}")
     triton_fn, triton_why = _triton_scan()
@@ -587,7 +589,7 @@ def describe_backend(device, backend=None):
     for float32/bf16 training, and why; the same decision as ``selective_scan`` makes per call.
     ValueError when a forced backend cannot run there."""
     choice, why = _resolve(backend, torch.device(device).type, torch.float32)
-    return f"Mamba selective scan: {choice} ({why})"
+    return f"Mamba selective scan: {LABELS[choice]} (backend {choice!r}: {why})"
 
 
 _LOGGED = set()
@@ -598,7 +600,8 @@ def _log_first_use(choice, why, device_type):
     key = (choice, device_type)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info("Mamba selective scan: using backend %r on %s (%s)", choice, device_type, why)
+        logger.info("Mamba selective scan: using the %s (backend %r) on %s: %s", LABELS[choice],
+                    choice, device_type, why)
 
 
 def _common_dtype(*tensors):
