@@ -79,6 +79,15 @@ class Device:
         return statistics.median(times), peak
 
 
+def guarded(check, backend, case, fn):
+    """fn() -> rows; an exception becomes one FAIL row (the other rows still run)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 (report it in the table, carry on)
+        message = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        return [(check, backend, case, f"FAIL {message}", "", "")]
+
+
 def make_inputs(batch, d_inner, d_state, length, device, seed=0):
     """Inputs in the ranges a trained Mamba block sees (float32)."""
     g = torch.Generator().manual_seed(seed)
@@ -128,10 +137,15 @@ def parity_rows(backends, device, shape):
         if backend == "ref":
             continue
         for precision, data in (("fp32", inputs), ("bf16", low)):
-            err, name = worst_error(run_scan(backend, data, grad_out), want[precision])
-            verdict = "ok" if err < limits[precision] else f"FAIL (> {limits[precision]:g})"
-            rows.append(("parity", backend, f"{precision} {shape}",
-                         f"max rel err {err:.1e} ({name}) {verdict}", "", ""))
+            case = f"{precision} {shape}"
+
+            def row(data=data, precision=precision, case=case):
+                err, name = worst_error(run_scan(backend, data, grad_out), want[precision])
+                verdict = "ok" if err < limits[precision] else f"FAIL (> {limits[precision]:g})"
+                return [("parity", backend, case, f"max rel err {err:.1e} ({name}) {verdict}",
+                         "", "")]
+
+            rows += guarded("parity", backend, case, row)
     return rows
 
 
@@ -145,15 +159,18 @@ def scan_rows(backends, dev, shapes):
             if backend == "ref":
                 continue
 
-            def forward():
-                with torch.no_grad():
-                    run_scan(backend, low, grad_out, backward=False)
+            def timed(backend=backend):
+                def forward():
+                    with torch.no_grad():
+                        run_scan(backend, low, grad_out, backward=False)
 
-            fwd_ms, fwd_mib = dev.measure(forward)
-            both_ms, both_mib = dev.measure(lambda: run_scan(backend, low, grad_out))
+                fwd_ms, fwd_mib = dev.measure(forward)
+                both_ms, both_mib = dev.measure(lambda: run_scan(backend, low, grad_out))
+                return [("scan fwd", backend, case, "", f"{fwd_ms:.1f}", f"{fwd_mib:.0f}"),
+                        ("scan fwd+bwd", backend, case, "", f"{both_ms:.1f}", f"{both_mib:.0f}")]
+
             case = f"bf16 {shape}"
-            rows.append(("scan fwd", backend, case, "", f"{fwd_ms:.1f}", f"{fwd_mib:.0f}"))
-            rows.append(("scan fwd+bwd", backend, case, "", f"{both_ms:.1f}", f"{both_mib:.0f}"))
+            rows += guarded("scan", backend, case, timed)
     return rows
 
 
@@ -226,8 +243,11 @@ def train_rows(backends, dev, models, task_kwargs):
         for backend in backends:
             if backend == "ref":
                 continue
-            ms, mib = with_backend(backend, lambda: dev.measure(task.step, repeats=3))
-            rows.append(("train step", backend, f"{recipe} bf16", "", f"{ms:.0f}", f"{mib:.0f}"))
+            def step(backend=backend):
+                ms, mib = with_backend(backend, lambda: dev.measure(task.step, repeats=3))
+                return [("train step", backend, f"{recipe} bf16", "", f"{ms:.0f}", f"{mib:.0f}")]
+
+            rows += guarded("train step", backend, f"{recipe} bf16", step)
         del task
         if dev.cuda:
             torch.cuda.empty_cache()
@@ -240,11 +260,10 @@ def converge_rows(dev, recipe, steps, task_kwargs):
     losses = [task.step().item() for _ in range(steps)]
     ms = (time.perf_counter() - start) * 1e3 / steps
     first, last = losses[0], statistics.mean(losses[-3:])
-    ok = math.isfinite(last) and last < 0.7 * first
-    verdict = "falls" if ok else "does NOT fall"
+    verdict = "falls" if math.isfinite(last) and last < 0.7 * first else "does NOT fall"
     backend = ss.resolve_backend(None, task.feats)
     return [("converge", backend, f"{recipe} bf16, {steps} steps",
-             f"loss {first:.1f} -> {last:.1f}: {verdict}", f"{ms:.0f}", "")], ok
+             f"loss {first:.1f} -> {last:.1f}: {verdict}", f"{ms:.0f}", "")]
 
 
 def print_table(rows):
@@ -295,8 +314,10 @@ def main(argv=None):
             continue
         rows += section()
     if time.perf_counter() - begin <= args.budget_s:
-        converge_result, ok = converge_rows(dev, converge, 30, task_kwargs)
-        rows += converge_result
+        result = guarded("converge", "auto", converge,
+                         lambda: converge_rows(dev, converge, 30, task_kwargs))
+        rows += result
+        ok = "falls" in result[0][3] and "NOT" not in result[0][3]
     print_table(rows)
     print(f"total {time.perf_counter() - begin:.0f} s")
     failed = [r for r in rows if "FAIL" in r[3]] or not ok

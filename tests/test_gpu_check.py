@@ -30,3 +30,20 @@ def test_cpu_dry_run_prints_every_section(repo_root):
                                        "converge"]
     assert all(" ok" in line for line in lines if line.startswith("parity"))
     assert "falls" in lines[-2] and "NOT" not in lines[-2]
+
+
+def test_a_failing_row_is_reported_not_fatal(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", repo_root / "benchmarks" /
+                                                  "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def broken():
+        raise RuntimeError("no kernel image is available\nfor execution on the device")
+
+    assert gpu_check.guarded("parity", "cuda", "fp32", broken) == [
+        ("parity", "cuda", "fp32",
+         "FAIL RuntimeError: no kernel image is available for execution on the device", "", "")]
+    assert gpu_check.guarded("parity", "triton", "fp32", lambda: [("row",)]) == [("row",)]
