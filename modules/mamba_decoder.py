@@ -23,16 +23,14 @@ from modules.mamba.mamba_blocks import valid_lengths
 def pack_memory_target(memory, tgt, mem_lens):
     """Per utterance [memory[:len]; tgt], right padded.
 
-    memory (B, L, D), tgt (B, T, D), mem_lens (B,) -> packed (B, max(len)+T, D) and out_index (B, T)
-    such that packed[b, out_index[b, t]] == tgt[b, t].
+    memory (B, L, D), tgt (B, T, D), mem_lens (B,) -> packed (B, L+T, D) and out_index (B, T)
+    such that packed[b, out_index[b, t]] == tgt[b, t]. Frames after an utterance's target repeat
+    its last one (a causal scan never reads them). No host syncs: L + T frames for every batch.
     """
     L, T = memory.shape[1], tgt.shape[1]
     both = torch.cat([memory, tgt], dim=1)
-    if bool((mem_lens == L).all()):
-        out_index = torch.arange(L, L + T, device=tgt.device).expand(tgt.shape[0], T)
-        return both, out_index
     lens = mem_lens.to(tgt.device).unsqueeze(1)
-    pos = torch.arange(int(mem_lens.max()) + T, device=tgt.device).unsqueeze(0)
+    pos = torch.arange(L + T, device=tgt.device).unsqueeze(0)
     src = torch.where(pos < lens, pos, L + pos - lens).clamp(max=L + T - 1)
     packed = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
     out_index = lens + torch.arange(T, device=tgt.device).unsqueeze(0)

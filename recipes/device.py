@@ -4,7 +4,6 @@
 PYTORCH_ENABLE_MPS_FALLBACK once, at import time.
 """
 
-import importlib.util
 import os
 import platform
 import sys
@@ -85,14 +84,3 @@ def resolve_device(requested=None, local_rank=None):
     if device == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"
     return device
-
-
-def mamba_scan_line(device):
-    """One line saying which selective-scan implementation the Mamba layers will use."""
-    forced = os.environ.get("MAMBA_SCAN_BACKEND")
-    if forced and forced != "auto":
-        return f"Mamba selective scan: backend {forced!r} forced by MAMBA_SCAN_BACKEND"
-    if device.startswith("cuda") and importlib.util.find_spec("mamba_ssm") is not None:
-        return "Mamba selective scan: mamba-ssm CUDA kernels"
-    why = "not on CUDA" if not device.startswith("cuda") else "mamba-ssm is not installed"
-    return f"Mamba selective scan: pure-PyTorch scan ({why})"

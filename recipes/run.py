@@ -10,7 +10,9 @@ import sys
 import speechbrain as sb
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from recipes.device import RUN_OPTION_KEYS, mamba_scan_line, resolve_device
+from modules.mamba.scan import describe_backend
+from recipes import RecipeError
+from recipes.device import RUN_OPTION_KEYS, resolve_device
 from recipes.hparams import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ def setup(argv, kind, mps_note=None):
         lines.append(f"  (dynamic batches of up to {hparams['max_batch_length_train']} s of "
                      "audio; batch_size unused)")
     if "mamba" in f"{hparams.get('encoder_module')} {hparams.get('decoder_module')}":
-        lines.append(f"  {mamba_scan_line(device)}")
+        try:  # the scan module's own decision, made again at each scan
+            lines.append(f"  {describe_backend(device)}")
+        except ValueError as err:  # a forced backend (MAMBA_SCAN_BACKEND) that cannot run here
+            raise RecipeError(str(err)) from err
     lines += [f"  {mps_note}"] if mps_note else []
     lines.append(f"  output folder: {hparams['output_folder']}")
     if if_main_process():

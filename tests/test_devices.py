@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from recipes import RecipeError
-from recipes.device import (PRESETS, best_available_device, mamba_scan_line, resolve_device,
-                            set_mps_fallback_env)
+from recipes.device import PRESETS, best_available_device, resolve_device, set_mps_fallback_env
 from recipes.hparams import load_recipe
 
 
@@ -91,6 +90,12 @@ def test_command_line_and_yaml_win_over_presets(repo_root, tmp_path):
     assert settings["num_workers"] == (16, "cuda preset")
 
 
-def test_mamba_scan_line():
-    assert "pure-PyTorch" in mamba_scan_line("cpu")
-    assert "not on CUDA" in mamba_scan_line("mps")
+def test_mamba_scan_start_up_line(monkeypatch):
+    """The recipes' start-up line comes from the scan module's resolver (the one that decides)."""
+    from modules.mamba.scan import describe_backend
+
+    monkeypatch.delenv("MAMBA_SCAN_BACKEND", raising=False)
+    assert describe_backend("cpu") == (
+        "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu)")
+    assert describe_backend("mps") == (
+        "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on mps)")

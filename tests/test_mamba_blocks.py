@@ -290,3 +290,25 @@ def test_bad_inputs_give_clear_errors():
         bi.allocate_inference_cache(2)
     with pytest.raises(ValueError, match="v2"):
         BiMamba(16, bimamba_type="v1")
+
+
+def test_pad_mask_checked_once_per_forward(monkeypatch):
+    """The right-padding check (a host sync on CUDA) runs once per encoder forward, not per
+    block, in inference mode too; a mask changed in place is checked at the next forward."""
+    from modules.Conmamba import ConmambaEncoder
+
+    calls = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    encoder = ConmambaEncoder(num_layers=3, d_model=16, d_ffn=32, kernel_size=3)
+    mask = torch.arange(7)[None, :] >= torch.tensor([7, 4])[:, None]
+    encoder(torch.randn(2, 7, 16), src_key_padding_mask=mask)
+    assert len(calls) == 1
+    mask[1, 0] = True  # now left padding as well
+    with pytest.raises(ValueError, match="right padding"):
+        encoder(torch.randn(2, 7, 16), src_key_padding_mask=mask)
+    with torch.inference_mode():
+        calls.clear()
+        mask = torch.arange(7)[None, :] >= torch.tensor([7, 4])[:, None]
+        encoder(torch.randn(2, 7, 16), src_key_padding_mask=mask)
+        assert len(calls) == 1

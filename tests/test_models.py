@@ -122,6 +122,29 @@ def test_pack_memory_target():
     assert idx.tolist() == [[4, 5, 6], [2, 3, 4]]
 
 
+class NoSync(torch.Tensor):
+    """A tensor whose values must not be read on the host (each read is a sync on CUDA)."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__index__,
+             torch.Tensor.__float__, torch.Tensor.item, torch.Tensor.tolist, torch.equal}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            raise AssertionError(f"host sync: {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("lengths", [[4, 2], [4, 4]])
+def test_pack_memory_target_reads_no_values_on_the_host(lengths):
+    memory, tgt = torch.randn(2, 4, 3), torch.randn(2, 3, 3)
+    packed, idx = pack_memory_target(memory, tgt, torch.tensor(lengths).as_subclass(NoSync))
+    packed, idx = packed.as_subclass(torch.Tensor), idx.as_subclass(torch.Tensor)
+    for b, n in enumerate(lengths):
+        assert torch.equal(packed[b, :n], memory[b, :n])
+        assert torch.equal(packed[b].index_select(0, idx[b]), tgt[b])
+
+
 # ---- official order of operations, restated from xi-j/Mamba-ASR modules/Conmamba.py -------------
 
 

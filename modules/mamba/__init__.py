@@ -1,4 +1,5 @@
-"""Mamba core: selective scan (pure PyTorch / mamba-ssm CUDA) and the Mamba / BiMamba mixers."""
+"""Mamba core: selective scan (pure PyTorch / Triton / mamba-ssm CUDA; see ``scan``) and the Mamba /
+BiMamba mixers."""
 
 from .config import MAMBA_DEFAULTS, build_mamba, check_mamba_config
 from .mamba_blocks import BiMamba, Mamba, MambaCache, reset_mamba_parameters

@@ -7,12 +7,11 @@ sequence's true end) and outputs at padded frames are zero.
 """
 
 import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import selective_scan, selective_scan_torch, state_dtype
+from .scan import selective_scan, state_dtype
 
 
 class MambaCache:
@@ -40,7 +39,10 @@ class MambaCache:
 
 
 def _lengths(pad_mask, x):
-    """pad_mask (B, L) bool, True at right padding -> lengths (B,) long."""
+    """pad_mask (B, L) bool, True at right padding -> lengths (B,) long.
+
+    The right-padding check compares tensors, a host sync on CUDA: layer stacks call it once per
+    forward through ``valid_lengths`` and hand the lengths to every block."""
     if pad_mask.shape != x.shape[:2] or pad_mask.dtype != torch.bool:
         raise ValueError(
             f"pad_mask must be a bool tensor of shape (batch, L) = {tuple(x.shape[:2])} "
@@ -168,7 +170,9 @@ class Mamba(nn.Module):
             y = y.addcmul_(history[:, j:j + length], weight[:, j])
         if conv.bias is not None:
             y = y.add_(conv.bias)
-        return F.silu(y)
+        # in x's dtype: under autocast the float32 weight would otherwise make the scan's u float32
+        # while delta, B, C, z are bf16/fp16 (mamba-ssm's kernel wants one dtype for all)
+        return F.silu(y).to(x.dtype)
 
     def _ssm(self, xz, direction, lengths=None, cache=None):
         """One direction of the mixer before out_proj.
@@ -186,18 +190,16 @@ class Mamba(nn.Module):
         A = -torch.exp(A_log.to(ct))
         # The scan takes (B, d, L) tensors: transposed views, no copies.
         u, delta, z, B, C = (t.transpose(1, 2) for t in (x, delta, z, B, C))
-        if cache is None:
-            y = selective_scan(u, delta, A, B, C, D.to(ct), z=z,
-                               delta_bias=dt_proj.bias.to(ct), delta_softplus=True)
-            return y.transpose(1, 2)
-        # Streaming: continue from the cached state; delta = 0 on padding keeps the state frozen.
-        delta = F.softplus(delta.to(ct) + dt_proj.bias.to(ct)[:, None])
-        if lengths is not None:
-            valid = torch.arange(delta.shape[2], device=delta.device)[None, :] < lengths[:, None]
-            delta = delta * valid[:, None, :]
-        y, last = selective_scan_torch(u, delta, A, B, C, D.to(ct), z=z, return_last_state=True,
-                                       initial_state=cache.ssm_state)
-        cache.ssm_state.copy_(last)  # last is non-differentiable
+        # Without a cache, lengths are not needed: the scan is causal and padding comes last.
+        # With one, the scan continues from the cached state, frozen past each sequence's length.
+        streaming = cache is not None
+        y = selective_scan(u, delta, A, B, C, D.to(ct), z=z, delta_bias=dt_proj.bias.to(ct),
+                           delta_softplus=True, return_last_state=streaming,
+                           initial_state=cache.ssm_state if streaming else None,
+                           lengths=lengths if streaming else None)
+        if streaming:
+            y, last = y
+            cache.ssm_state.copy_(last)  # last is non-differentiable
         return y.transpose(1, 2)
 
     def _check_input(self, x):

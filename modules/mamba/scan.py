@@ -1,26 +1,36 @@
-"""Selective scan (the S6 recurrence of Mamba) with mamba-ssm's interface, three backends.
+"""Selective scan (the S6 recurrence of Mamba) with mamba-ssm's interface, four backends.
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (batch, d_inner, d_state)
     y_t = C_t . h_t + D * u_t;   out_t = y_t * silu(z_t)
 
 - ``selective_scan_ref``: plain sequential loop, autograd through it (tests, benchmarks).
-- ``selective_scan_torch``: fast pure-PyTorch scan with a hand-written backward (CPU, MPS, and
-  the CUDA fallback).
-- mamba-ssm's CUDA kernel when ``mamba_ssm`` is importable and the tensors are on CUDA.
+- ``selective_scan_torch``: fast pure-PyTorch scan with a hand-written backward (CPU, MPS).
+- "cuda": mamba-ssm's compiled kernel (``selective_scan_cuda``), when it imports.
+- "triton": ``scan_triton.selective_scan_triton``, needs only the Triton that ships with
+  PyTorch's CUDA wheels.
 
-``selective_scan(..., backend=None)`` picks automatically; ``backend=`` or the environment variable
-``MAMBA_SCAN_BACKEND`` ("auto", "torch", "cuda", "ref") forces one (the argument wins).
+``selective_scan(..., backend=None)`` picks automatically ("auto"): on CUDA mamba-ssm's kernel if it
+imports, else Triton, else the torch scan; elsewhere the torch scan. The first scan of each backend
+in a process logs one line naming it and why. ``backend=`` or the environment variable
+``MAMBA_SCAN_BACKEND`` ("auto", "cuda", "triton", "torch", "ref") forces one (the argument wins);
+a forced backend that cannot run raises a ValueError saying why. ``describe_backend(device)`` gives
+the same decision as a line for start-up logs: this module is the one place that decides.
 """
 
 import contextlib
 import functools
 import math
+import logging
 import os
+import sys
 import threading
 
 import torch
 
-BACKENDS = ("auto", "torch", "cuda", "ref")
+BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
+LABELS = {"cuda": "mamba-ssm CUDA kernel", "triton": "Triton scan", "torch": "pure-PyTorch scan",
+          "ref": "reference loop"}
+logger = logging.getLogger(__name__)
 LOG2E = math.log2(math.e)
 SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above this, like torch and the CUDA kernel
 BLOCK_FLOATS = 1 << 20  # elements of one (T, batch, d_state, d_inner) work buffer: ~4 MB in float32
@@ -33,7 +43,7 @@ def state_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None, lengths=None):
     if u.dim() != 3:
         raise ValueError(
             f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
@@ -51,6 +61,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
         "z": (z, (batch, d_inner, length)),
         "delta_bias": (delta_bias, (d_inner,)),
         "initial_state": (initial_state, (batch, d_inner, d_state)),
+        "lengths": (lengths, (batch,)),
     }
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
@@ -69,6 +80,15 @@ def _finish(y, u, D, z, dtype_out):
     return out.to(dtype_out)
 
 
+def _step_sizes(delta, delta_bias, delta_softplus):
+    """dt = softplus(delta + delta_bias) (or without softplus / bias) in the compute dtype."""
+    ct = state_dtype(delta.dtype)
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    return torch.nn.functional.softplus(dt) if delta_softplus else dt
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
     """Sequential reference: one step per frame, autograd through the loop.
@@ -80,11 +100,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     ct = state_dtype(u.dtype)
-    dt = delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
+    dt = _step_sizes(delta, delta_bias, delta_softplus)
     A = A.to(ct)
     uc = u.to(ct)
     h = (u.new_zeros(u.shape[0], A.shape[0], A.shape[1], dtype=ct) if initial_state is None
@@ -440,60 +456,200 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, last) if return_last_state else out
 
 
-def _mamba_ssm_scan():
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError as err:
-        raise ImportError(
-            "selective_scan backend 'cuda' needs mamba-ssm (pip install -r requirements-cuda.txt); "
-            "use backend='torch' or unset MAMBA_SCAN_BACKEND to run the pure-PyTorch scan"
-        ) from err
-    return selective_scan_fn
+def _mask_past_lengths(delta, delta_bias, delta_softplus, lengths):
+    """The step sizes with frames at or past each sequence's length set to 0 (state unchanged
+    there): (dt (batch, d_inner, L) in the compute dtype, valid (batch, 1, L) bool)."""
+    dt = _step_sizes(delta, delta_bias, delta_softplus)
+    steps = torch.arange(delta.shape[2], device=delta.device)
+    valid = (steps[None, :] < lengths.to(delta.device)[:, None])[:, None, :]
+    return dt * valid, valid
+
+
+def _describe_error(err):
+    if isinstance(err, ModuleNotFoundError) and err.name == "selective_scan_cuda":
+        return ("mamba-ssm's compiled kernel selective_scan_cuda is not installed (newer mamba-ssm "
+                "builds it only with MAMBA_KEEP_CUDA_BUILD=TRUE; see requirements-cuda.txt)")
+    if isinstance(err, ModuleNotFoundError) and err.name in ("mamba_ssm", "triton"):
+        return f"{err.name} is not installed"
+    return f"importing it raised {type(err).__name__}: {err}"
 
 
 @functools.lru_cache(maxsize=None)
-def _mamba_ssm_importable():
+def _mamba_ssm_kernel():
+    """(mamba-ssm's selective_scan_fn, None) when its compiled kernel imports, else (None, why).
+
+    ``import mamba_ssm`` succeeds without the kernel (it is optional in newer releases: the call
+    then raises) and also imports Triton kernels and transformers, which can fail in any way:
+    so the kernel module is imported first and every exception means "not usable"."""
     try:
-        _mamba_ssm_scan()
-    except ImportError:
-        return False
-    return True
+        import selective_scan_cuda  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # noqa: BLE001 (see the docstring)
+        return None, _describe_error(err)
+    return selective_scan_fn, None
 
 
-def resolve_backend(backend, u):
-    """The backend that ``selective_scan`` will use for tensor ``u``."""
-    choice = backend if backend is not None else os.environ.get("MAMBA_SCAN_BACKEND") or "auto"
+@functools.lru_cache(maxsize=None)
+def _triton_scan():
+    """(selective_scan_triton, None) when Triton imports, else (None, why)."""
+    try:
+        from .scan_triton import selective_scan_triton
+    except Exception as err:  # noqa: BLE001 (a broken Triton install must not stop the torch scan)
+        return None, _describe_error(err)
+    return selective_scan_triton, None
+
+
+def cuda_backends_status():
+    """{"cuda": why not or None, "triton": why not or None}: whether mamba-ssm's kernel and the
+    Triton scan can run on CUDA tensors in this process (benchmarks/gpu_check.py lists them)."""
+    return {"cuda": _mamba_ssm_kernel()[1], "triton": _triton_scan()[1]}
+
+
+def _triton_runs_on(device_type):
+    if device_type == "cuda":
+        return True
+    fn, _ = _triton_scan()
+    return fn is not None and sys.modules[fn.__module__].INTERPRETED
+
+
+def _auto_backend(device_type, dtype=torch.float32, streaming=False):
+    """(backend, why) that "auto" picks for tensors of this device type and dtype; ``streaming``:
+    initial_state or lengths are given (mamba-ssm's kernel takes neither)."""
+    if device_type != "cuda":
+        return "torch", f"tensors on {device_type}"
+    if dtype == torch.float64:
+        return "torch", "float64 tensors (the CUDA backends compute in float32)"
+    kernel, kernel_why = _mamba_ssm_kernel()
+    if kernel is not None and not streaming:
+        return "cuda", "mamba-ssm's selective_scan_cuda imports"
+    why = ("initial_state/lengths given (mamba-ssm's kernel takes neither)" if kernel is not None
+           else f"mamba-ssm's kernel unavailable: {kernel_why}")
+    triton_fn, triton_why = _triton_scan()
+    if triton_fn is not None:
+        return "triton", why
+    return "torch", f"{why}; Triton unavailable: {triton_why}"
+
+
+def _check_forced(choice, device_type, dtype, streaming, source):
+    """Raises a ValueError saying why the forced backend cannot run here."""
+    fix = ("use backend='torch' or 'auto'" if source == "the backend argument"
+           else "set MAMBA_SCAN_BACKEND=auto or torch (or unset it)")
+    if choice == "cuda":
+        if device_type != "cuda":
+            raise ValueError(f"selective_scan backend 'cuda' needs CUDA tensors, got tensors on "
+                             f"{device_type}; use backend='torch' (or unset MAMBA_SCAN_BACKEND)")
+        kernel, why = _mamba_ssm_kernel()
+        if kernel is None:
+            raise ValueError(f"selective_scan backend 'cuda' (from {source}) cannot run: {why}. "
+                             f"Install it (requirements-cuda.txt), or {fix}")
+        if streaming:
+            raise ValueError(f"selective_scan backend 'cuda' (from {source}): mamba-ssm's kernel "
+                             f"takes no initial_state or lengths; {fix}")
+    if choice == "triton":
+        fn, why = _triton_scan()
+        if fn is None:
+            raise ValueError(f"selective_scan backend 'triton' (from {source}) cannot run: {why}; "
+                             f"{fix}")
+        if not _triton_runs_on(device_type):
+            raise ValueError(f"selective_scan backend 'triton' (from {source}) needs CUDA tensors, "
+                             f"got tensors on {device_type}; {fix}")
+    if choice in ("cuda", "triton") and dtype == torch.float64:
+        raise ValueError(f"selective_scan backend {choice!r} (from {source}) computes in float32 "
+                         f"and takes no float64 tensors; {fix}")
+
+
+def _requested(backend):
+    """(lower-case choice, where it came from)."""
+    if backend is not None:
+        choice, source = backend, "the backend argument"
+    else:
+        choice, source = os.environ.get("MAMBA_SCAN_BACKEND") or "auto", "MAMBA_SCAN_BACKEND"
     choice = choice.lower()
     if choice not in BACKENDS:
-        raise ValueError(
-            f"selective_scan: unknown backend {choice!r} (from "
-            f"{'the backend argument' if backend is not None else 'MAMBA_SCAN_BACKEND'}); "
-            f"choose one of {BACKENDS}"
-        )
+        raise ValueError(f"selective_scan: unknown backend {choice!r} (from {source}); "
+                         f"choose one of {BACKENDS}")
+    return choice, source
+
+
+def _resolve(backend, device_type, dtype, streaming=False):
+    choice, source = _requested(backend)
     if choice == "auto":
-        return "cuda" if u.is_cuda and _mamba_ssm_importable() else "torch"
-    if choice == "cuda" and not u.is_cuda:
-        raise ValueError(
-            f"selective_scan backend 'cuda' needs CUDA tensors, got tensors on {u.device}; "
-            "use backend='torch' (or unset MAMBA_SCAN_BACKEND)"
-        )
-    return choice
+        return _auto_backend(device_type, dtype, streaming)
+    _check_forced(choice, device_type, dtype, streaming, source)
+    return choice, f"forced by {source}"
+
+
+def resolve_backend(backend, u, streaming=False):
+    """The backend that ``selective_scan`` will use for tensor ``u`` ("cuda", "triton", "torch" or
+    "ref"); ValueError when a forced backend cannot run on it."""
+    return _resolve(backend, u.device.type, u.dtype, streaming)[0]
+
+
+def describe_backend(device, backend=None):
+    """One line naming the backend the Mamba layers' scans will use on ``device`` (e.g. "cuda:0")
+    for float32/bf16 training, and why; the same decision as ``selective_scan`` makes per call.
+    ValueError when a forced backend cannot run there."""
+    choice, why = _resolve(backend, torch.device(device).type, torch.float32)
+    return f"Mamba selective scan: {LABELS[choice]} (backend {choice!r}: {why})"
+
+
+_LOGGED = set()
+
+
+def _log_first_use(choice, why, device_type):
+    """One log line per process and (backend, device type), at the first scan that uses it."""
+    key = (choice, device_type)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("Mamba selective scan: using the %s (backend %r) on %s: %s", LABELS[choice],
+                    choice, device_type, why)
+
+
+def _common_dtype(*tensors):
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """mamba-ssm's kernel wants u, delta, B, C, z in one dtype (float32, fp16 or bf16; under
+    autocast they can differ), A, D, delta_bias float32."""
+    dtype = _common_dtype(u, delta, B, C, z)
+    same = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    f32 = (lambda t: None if t is None else t.float())  # noqa: E731
+    fn = _mamba_ssm_kernel()[0]
+    return fn(same(u), same(delta), A.float(), same(B), same(C), f32(D), same(z), f32(delta_bias),
+              delta_softplus, return_last_state)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend=None):
+                   return_last_state=False, backend=None, initial_state=None, lengths=None):
     """mamba-ssm's ``selective_scan_fn``: u, delta, z (batch, d_inner, L); A (d_inner, d_state);
-    B, C (batch, d_state, L); D, delta_bias (d_inner,).
+    B, C (batch, d_state, L); D, delta_bias (d_inner,). Also initial_state (batch, d_inner,
+    d_state) to continue a sequence, and lengths (batch,): frames at or past a sequence's length
+    leave its state unchanged and give zero outputs.
 
-    Returns out (batch, d_inner, L) in u's dtype, and with ``return_last_state`` also the final
-    state (batch, d_inner, d_state) (float32; no gradient flows through it, as in mamba-ssm).
+    Returns out (batch, d_inner, L) in u's dtype (delta's for the CUDA kernels), and with
+    ``return_last_state`` also the final state (batch, d_inner, d_state) (float32; no gradient
+    flows through it, as in mamba-ssm).
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    choice = resolve_backend(backend, u)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
+    streaming = initial_state is not None or lengths is not None
+    choice, why = _resolve(backend, u.device.type, u.dtype, streaming)
+    _log_first_use(choice, why, u.device.type)
     if choice == "cuda":
-        # The kernel wants float32 A, D and delta_bias (what mamba-ssm's Mamba passes).
-        f32 = (lambda t: None if t is None else t.float())
-        return _mamba_ssm_scan()(u, delta, A.float(), B, C, f32(D), z, f32(delta_bias),
-                                 delta_softplus, return_last_state)
+        return _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                               return_last_state)
+    if choice == "triton":
+        return _triton_scan()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state, initial_state, lengths)
     scan = selective_scan_ref if choice == "ref" else selective_scan_torch
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if lengths is None:
+        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                    initial_state)
+    delta, valid = _mask_past_lengths(delta, delta_bias, delta_softplus, lengths)
+    out, last = scan(u, delta, A, B, C, D, z, None, False, True, initial_state)
+    out = out * valid
+    return (out, last) if return_last_state else out
