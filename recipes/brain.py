@@ -1,18 +1,22 @@
 """Behaviour shared by the CTC and S2S Brains: Noam steps, checkpoint averaging before
 evaluation, logging (text + TensorBoard) and per-test-set error-rate files."""
 
+import functools
 import logging
+
+import torch
 
 import speechbrain as sb
 from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import if_main_process
 
 from recipes import RecipeError
+from recipes.robust import FaultTolerance
 
 logger = logging.getLogger(__name__)
 
 
-class RecipeBrain(sb.core.Brain):
+class RecipeBrain(FaultTolerance, sb.core.Brain):
     """sb.Brain + the parts common to both recipes.
 
     Subclasses set ``ckpt_key`` / ``ckpt_max`` (the validation statistic that ranks checkpoints)
@@ -55,7 +59,8 @@ class RecipeBrain(sb.core.Brain):
             raise RecipeError(
                 f"No checkpoint with a {max_key or min_key} value in "
                 f"{self.checkpointer.checkpoints_dir}: train first (skip_train False)")
-        state = average_checkpoints(ckpts, recoverable_name="model")
+        state = average_checkpoints(ckpts, recoverable_name="model",
+                                    parameter_loader=functools.partial(torch.load, weights_only=True))
         self.hparams.model.load_state_dict(state, strict=True)
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "
