@@ -59,8 +59,8 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
             raise RecipeError(
                 f"No checkpoint with a {max_key or min_key} value in "
                 f"{self.checkpointer.checkpoints_dir}: train first (skip_train False)")
-        state = average_checkpoints(ckpts, recoverable_name="model",
-                                    parameter_loader=functools.partial(torch.load, weights_only=True))
+        load = functools.partial(torch.load, weights_only=True)
+        state = average_checkpoints(ckpts, recoverable_name="model", parameter_loader=load)
         self.hparams.model.load_state_dict(state, strict=True)
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "
