@@ -86,7 +86,10 @@ class FaultTolerance:
     def check_loss_isfinite(self, loss):
         """Raises NonFiniteLoss (the batch is skipped) when the loss is NaN/inf; RecipeError
         after more than nonfinite_patience such batches in a row."""
-        bad = not torch.isfinite(loss) or faults.hit("nan_loss")
+        loss = loss.detach()
+        if faults.hit("nan_loss"):
+            loss = loss * float("nan")
+        bad = not torch.isfinite(loss)
         if is_distributed_initialized():  # every process skips the batch, or none does
             flag = torch.tensor(float(bad), device=loss.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
