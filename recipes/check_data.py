@@ -23,6 +23,7 @@ import time
 import soundfile
 
 from recipes import RecipeError
+from recipes.data import REQUIRED_COLUMNS, resolve_wav
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def check_manifests(csv_paths, data_root=None, sample_rate=16000, min_duration=0
 
     Returns (problems: list of Problem in manifest order, number of rows checked).
     """
-    from recipes.data import REQUIRED_COLUMNS, resolve_wav
-
     problems, jobs, rows = [], [], 0
     for csv_path in csv_paths:
         if not os.path.isfile(csv_path):
