@@ -31,7 +31,7 @@ AUTO_MAX_FILES = 20000
 # kind -> whether training can go on with such a row (a wrong rate is resampled on the fly)
 KINDS = {"missing": False, "unreadable": False, "empty": False, "too_short": False,
          "empty_id": False, "duplicate_id": False, "empty_text": False, "bad_duration": False,
-         "sample_rate": True}
+         "bad_header": False, "sample_rate": True}
 Problem = collections.namedtuple("Problem", "csv line utt_id kind message")
 
 
@@ -53,6 +53,20 @@ def _header(path, sample_rate, min_duration):
         return "sample_rate", (f"{path} is at {info.samplerate} Hz, not {sample_rate} Hz "
                                "(resampled on the fly every epoch: works, costs CPU)")
     return None
+
+
+def _row_problems(row, seen):
+    """(kind, message) of each problem of a manifest row that needs no audio."""
+    if not row["ID"]:
+        yield "empty_id", "empty ID"
+    elif row["ID"] in seen:
+        yield "duplicate_id", f"ID {row['ID']} appears earlier in the file"
+    if not (row["wrd"] or "").strip():
+        yield "empty_text", "empty transcript (wrd)"
+    try:
+        float(row["duration"])
+    except (TypeError, ValueError):
+        yield "bad_duration", f"duration {row['duration']!r} is not a number"
 
 
 def check_manifests(csv_paths, data_root=None, sample_rate=16000, min_duration=0.0,
@@ -79,25 +93,15 @@ def check_manifests(csv_paths, data_root=None, sample_rate=16000, min_duration=0
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                problems.append(Problem(csv_path, 1, "", "bad_duration",
+                problems.append(Problem(csv_path, 1, "", "bad_header",
                                         f"missing column(s) {', '.join(missing)}"))
                 continue
             for line, row in enumerate(reader, start=2):
                 rows += 1
-                utt = row["ID"] or ""
-                add = lambda kind, msg: problems.append(Problem(csv_path, line, utt, kind, msg))  # noqa: E731,E501
-                if not utt:
-                    add("empty_id", "empty ID")
-                elif utt in seen:
-                    add("duplicate_id", f"ID {utt} appears earlier in the file")
-                seen.add(utt)
-                if not (row["wrd"] or "").strip():
-                    add("empty_text", "empty transcript (wrd)")
-                try:
-                    float(row["duration"])
-                except (TypeError, ValueError):
-                    add("bad_duration", f"duration {row['duration']!r} is not a number")
-                jobs.append((csv_path, line, utt, resolve_wav(row["wav"] or "", root)))
+                problems += [Problem(csv_path, line, row["ID"] or "", kind, message)
+                             for kind, message in _row_problems(row, seen)]
+                seen.add(row["ID"])
+                jobs.append((csv_path, line, row["ID"] or "", resolve_wav(row["wav"] or "", root)))
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         found = pool.map(lambda job: _header(job[3], sample_rate, min_duration), jobs,
