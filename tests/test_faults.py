@@ -198,3 +198,20 @@ def test_training_checks_the_data_first(bad_manifest, manifests, tmp_path):
     assert "Checked 13 rows" in error
     assert all(f"line {line} " in error and kind in error for line, kind in EXPECTED)
     assert not list((tmp_path / "out" / "save").glob("CKPT*"))  # before any training
+
+
+def test_checkpoint_half_deleted_is_never_loaded(tmp_path):
+    """A kill inside SpeechBrain's rmtree of an old checkpoint leaves CKPT.yaml and some files:
+    the checkpointer skips (and removes) it and loads the previous complete one."""
+    from recipes.checkpoints import AtomicCheckpointer
+
+    model = torch.nn.Linear(2, 2)
+    ckpt = AtomicCheckpointer(tmp_path, {"model": model, "other": torch.nn.Linear(1, 1)})
+    first = ckpt.save_checkpoint(meta={"n": 1})
+    second = ckpt.save_checkpoint(meta={"n": 2})
+    (second.path / "other.ckpt").unlink()  # rmtree killed after its first file
+    (tmp_path / "CKPT+no_meta").mkdir()  # ... or after CKPT.yaml
+    (tmp_path / ".partial-CKPT+x").mkdir()  # a write killed before the rename
+    assert [c.path for c in ckpt.list_checkpoints()] == [first.path]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]
+    assert ckpt.recover_if_possible().meta["n"] == 1
