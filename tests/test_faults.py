@@ -215,3 +215,25 @@ def test_checkpoint_half_deleted_is_never_loaded(tmp_path):
     assert [c.path for c in ckpt.list_checkpoints()] == [first.path]
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]
     assert ckpt.recover_if_possible().meta["n"] == 1
+
+
+def test_unreadable_training_file_stops_after_a_checkpoint(manifests, tmp_path):
+    """bad_data: error, no periodic checkpoints: the run stops at the batch with the broken
+    file, naming it, with a checkpoint of the steps before; fixed, the rerun continues there."""
+    bad = tmp_path / "late.wav"
+    bad.write_bytes(b"RIFF....WAVE but not audio")
+    rows = _shortest("train", 12)
+    rows.append({**rows[0], "ID": "late", "duration": "99", "wav": str(bad)})  # sorted last
+    data = (_write(tmp_path / "train.csv", rows), *manifests[1:])
+    opts = ["--sorting", "ascending", "--check_data", "False", "--ckpt_interval_steps", "0"]
+    crash = train(tmp_path / "out", data, *opts, epochs=1)
+    assert crash.returncode == 1 and "late.wav (ID late)" in crash.stderr.split("ERROR: ")[-1]
+    saved = [yaml.safe_load((p / "CKPT.yaml").read_text())
+             for p in (tmp_path / "out" / "save").glob("CKPT+*")]
+    assert len(saved) == 1 and saved[0]["end-of-epoch"] is False
+    shutil.copy(CORPUS / rows[0]["wav"], bad.with_suffix(".ogg"))
+    rows[-1]["wav"] = str(bad.with_suffix(".ogg"))
+    _write(tmp_path / "train.csv", rows)
+    resumed = _ok(train(tmp_path / "out", data, *opts, epochs=1))
+    assert "Loading a checkpoint" in resumed.stdout + resumed.stderr
+    assert "steps: 4" in (tmp_path / "out" / "train_log.txt").read_text()
