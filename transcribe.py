@@ -10,7 +10,9 @@ Output: one line per file, in the order given: PATH<TAB>TRANSCRIPT (--text-only:
 Any sample rate and channel count (resampled to the model's rate, channels averaged); formats
 that libsndfile reads (WAV, FLAC, OGG, ...). Audio longer than --chunk-seconds is split into
 chunks overlapping by --overlap-seconds whose transcripts are merged, so memory stays bounded.
-Errors (missing model folder, unreadable or empty audio...) print one line and exit with 1.
+An unreadable or empty audio file is reported on stderr and the others are transcribed (exit
+status 1 when any failed; --fail-fast stops before decoding anything). A model folder error
+(missing folder, a hyperparams.yaml that asks for code this project never writes) stops at once.
 """
 
 import argparse
@@ -56,28 +58,48 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=4,
                         help="files or chunks decoded together (4)")
     parser.add_argument("--text-only", action="store_true", help="print only the transcripts")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first unreadable audio file, before decoding anything "
+                             "(default: report it on stderr, transcribe the others, exit 1)")
     return parser.parse_args(argv)
 
 
 def main(argv):
-    """Transcribes and prints; raises RecipeError for user-fixable problems."""
+    """Transcribes and prints; returns the exit status (1 when a file failed) and raises
+    RecipeError for user-fixable problems that stop everything."""
     args = parse_args(argv)
     set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
 
     from inference.transcriber import Transcriber, model_kind
-    from recipes.audio import check_audio
+    from recipes.audio import AudioError, check_audio
 
-    model_kind(args.model_dir)  # fail fast: check the folder and every file before loading
+    model_kind(args.model_dir)  # check the folder and every file's header before loading
+    failed = []
+
+    def report(path, error):
+        if args.fail_fast:
+            raise error
+        failed.append(path)
+        print("ERROR: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
+
     for path in args.audio:
-        check_audio(path)
+        try:
+            check_audio(path)
+        except AudioError as e:
+            report(path, e)
+    if len(failed) == len(args.audio):
+        return 1
     asr = Transcriber.from_folder(
         args.model_dir, device=args.device, beam_size=args.beam_size,
         use_lm=False if args.no_lm else None, ctc_weight=args.ctc_weight,
         ctc_partial=args.ctc_partial, lm_weight=args.lm_weight, word_score=args.word_score,
         chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
         batch_size=args.batch_size)
-    for path, text in zip(args.audio, asr.transcribe_files(args.audio)):
-        print(text if args.text_only else f"{path}\t{text}", flush=True)
+    todo = [p for p in args.audio if p not in failed]
+    for path, text in zip(todo, asr.transcribe_files(todo, on_error=report)):
+        if text is not None:
+            print(text if args.text_only else f"{path}\t{text}", flush=True)
+    return 1 if failed else 0
 
 
 def run(argv):

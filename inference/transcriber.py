@@ -23,7 +23,7 @@ import os
 import torch
 
 from recipes import RecipeError
-from recipes.audio import check_audio, load_audio, to_mono
+from recipes.audio import AudioError, check_audio, load_audio, to_mono
 from recipes.export import exported_kind
 
 
@@ -130,6 +130,7 @@ class Transcriber:
         **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
+        from inference.model_folder import check_hyperparams, weights_only_loads
         from inference.word_lm import CTCLMDecoder, has_word_lm
         from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
@@ -152,8 +153,10 @@ class Transcriber:
             raise TranscriberError(f"beam_size must be >= 1, got {beam_size}")
         device = resolve_device(device)
         interface = EncoderASR if kind == "CTC" else EncoderDecoderASR
-        asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
-                                     run_opts={"device": device})
+        check_hyperparams(os.path.join(model_dir, "hyperparams.yaml"))  # data, not code
+        with weights_only_loads():
+            asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
+                                         run_opts={"device": device})
         word_lm = None
         if kind == "CTC" and has_lm and use_lm is not False:
             word_lm = CTCLMDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
@@ -170,19 +173,38 @@ class Transcriber:
         """Mono float32 (samples,) at the model's sample rate."""
         return load_audio(path, self.sample_rate)
 
-    def transcribe_files(self, paths):
+    def transcribe_files(self, paths, on_error=None):
         """Transcripts (upper-case words) of audio files, in order. Every file is checked
         before any decoding; files are then read and decoded in groups of about
-        GROUP_SECONDS of audio, so memory does not grow with the number of files."""
-        durations = [check_audio(p) for p in paths]
-        texts, chunks, group, total = [], [], [], 0.0
+        GROUP_SECONDS of audio, so memory does not grow with the number of files.
+
+        on_error : None (a bad file raises AudioError before anything is decoded) or
+            on_error(path, error), called for each file that cannot be read; its transcript
+            is then None and the other files are transcribed.
+        """
+        texts, chunks = [None] * len(paths), [[] for _ in paths]
+        durations = {}
         for k, path in enumerate(paths):
-            group.append(self.load_audio(path))
-            total += durations[k]
-            if total >= self.GROUP_SECONDS or k == len(paths) - 1:
-                texts += self.transcribe_waveforms(group)
-                chunks += self.last_chunks
-                group, total = [], 0.0
+            try:
+                durations[k] = check_audio(path)
+            except AudioError as e:
+                if on_error is None:
+                    raise
+                on_error(path, e)
+        group, total = {}, 0.0
+        for n, k in enumerate(durations):
+            try:
+                group[k] = self.load_audio(paths[k])
+                total += durations[k]
+            except AudioError as e:  # passed the header check, fails to decode
+                if on_error is None:
+                    raise
+                on_error(paths[k], e)
+            if group and (total >= self.GROUP_SECONDS or n == len(durations) - 1):
+                for k2, text, bounds in zip(group, self.transcribe_waveforms(list(group.values())),
+                                            self.last_chunks):
+                    texts[k2], chunks[k2] = text, bounds
+                group, total = {}, 0.0
         self.last_chunks = chunks
         return texts
 

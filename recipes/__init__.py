@@ -12,13 +12,13 @@ class RecipeError(Exception):
 
 def run_cli(main, argv, errors=(RecipeError,)):
     """Runs ``main(argv)``; an exception of ``errors`` (user-fixable: its message says what to do)
-    becomes one line 'ERROR: <message>' on stderr and exit status 1. Returns the exit status
-    (0 on success) for ``sys.exit``."""
+    becomes one line 'ERROR: <message>' on stderr and exit status 1. Returns the exit status for
+    ``sys.exit``: main's own when it returns an int, else 0."""
     import sys
 
     try:
-        main(argv)
+        status = main(argv)
     except errors as e:
         print("ERROR: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0

@@ -7,19 +7,23 @@ A recipe subclasses RecipeBrain with SpeechBrain's hooks ``compute_forward`` and
 ``compute_objectives`` and one statistics hook, ``stage_stats``.
 """
 
+import functools
 import logging
 import os
+
+import torch
 
 import speechbrain as sb
 from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import if_main_process
 
 from recipes import RecipeError
+from recipes.robust import FaultTolerance
 
 logger = logging.getLogger(__name__)
 
 
-class RecipeBrain(sb.core.Brain):
+class RecipeBrain(FaultTolerance, sb.core.Brain):
     """sb.Brain + the parts common to both recipes.
 
     Arguments
@@ -120,7 +124,8 @@ class RecipeBrain(sb.core.Brain):
             raise RecipeError(
                 f"No checkpoint with a {max_key or min_key} value in "
                 f"{self.checkpointer.checkpoints_dir}: train first (skip_train False)")
-        state = average_checkpoints(ckpts, recoverable_name="model")
+        load = functools.partial(torch.load, weights_only=True)
+        state = average_checkpoints(ckpts, recoverable_name="model", parameter_loader=load)
         self.hparams.model.load_state_dict(state, strict=True)
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "

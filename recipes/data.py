@@ -16,6 +16,8 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 
 from recipes.audio import AudioError, load_audio  # noqa: F401 (AudioError: re-exported)
 from recipes.manifest import REQUIRED_COLUMNS, ManifestError, read_rows
+from recipes.resume import keyed_random
+from recipes.robust import collate_skipping, skip_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +121,24 @@ def dataio_prepare(hparams, tokenizer, with_bos_eos):
              for c in test_csvs}
     datasets = [train, valid, *tests.values()]
     sample_rate, min_duration = hparams["sample_rate"], hparams.get("min_duration", 0.0)
+    load = load_audio
+    if hparams.get("bad_data") == "skip":  # unreadable files are logged and left out of batches
+        load = skip_unreadable(load_audio, AudioError)
+        for opts in ("train_dataloader_opts", "valid_dataloader_opts", "test_dataloader_opts"):
+            hparams[opts]["collate_fn"] = collate_skipping
 
     @sb.utils.data_pipeline.takes("id", "wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(utt_id, wav):
-        return load_audio(wav, sample_rate, utt_id, min_duration)
+        return load(wav, sample_rate, utt_id, min_duration)
 
     @sb.utils.data_pipeline.takes("id", "wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline_train(utt_id, wav):
-        sig = load_audio(wav, sample_rate, utt_id, min_duration)
-        if hparams.get("speed_perturb") is not None:  # here, in the dataloader workers
-            sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
+        sig = load(wav, sample_rate, utt_id, min_duration)
+        if hparams.get("speed_perturb") is not None and sig is not None:  # in the workers
+            with keyed_random(hparams["seed"], hparams["epoch_counter"].current, utt_id):
+                sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
         return sig
 
     sb.dataio.dataset.add_dynamic_item([valid, *tests.values()], audio_pipeline)
@@ -170,7 +178,12 @@ def loader_kwargs(hparams, train_sampler, valid_sampler):
     train_opts = dict(hparams["train_dataloader_opts"])
     valid_opts = dict(hparams["valid_dataloader_opts"])
     if train_sampler is not None:
-        train_opts = {"batch_sampler": train_sampler, "num_workers": hparams["num_workers"]}
+        train_opts = {"batch_sampler": train_sampler, "num_workers": hparams["num_workers"],
+                      **_collate(train_opts)}
     if valid_sampler is not None:
-        valid_opts = {"batch_sampler": valid_sampler}
+        valid_opts = {"batch_sampler": valid_sampler, **_collate(valid_opts)}
     return train_opts, valid_opts
+
+
+def _collate(opts):
+    return {"collate_fn": opts["collate_fn"]} if "collate_fn" in opts else {}

@@ -12,6 +12,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from modules.mamba.scan import describe_backend
 from recipes import RecipeError
+from recipes.check_data import check_before_training, flag_argv
 from recipes.device import RUN_OPTION_KEYS, resolve_device
 from recipes.hparams import load_recipe
 
@@ -24,7 +25,7 @@ def setup(argv, kind, mps_note=None):
 
     Returns (hparams_file, hparams, run_opts); run_opts carries the resolved device.
     """
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    hparams_file, run_opts, overrides = sb.parse_arguments(flag_argv(argv))
     local_rank = os.environ.get("LOCAL_RANK")
     device = resolve_device(run_opts.device, local_rank)
     cli = {k: run_opts[k] for k in RUN_OPTION_KEYS if k in run_opts.overridden_args}
@@ -71,6 +72,8 @@ def setup(argv, kind, mps_note=None):
             "merge_lst": hparams["train_splits"],
             "merge_name": os.path.basename(hparams["train_csv"]),
         })
+    if not hparams["skip_train"] and not run_opts.test_only:
+        run_on_main(check_before_training, args=[hparams])
     return hparams_file, hparams, run_opts
 
 

@@ -80,7 +80,12 @@ def load_pretrained(hparams, lm_model=None):
     )
     try:
         run_on_main(pretrainer.collect_files)
+        pretrainer.load_collected()
     except Exception as e:  # hub/network/file errors come in many types
+        if isinstance(e, RuntimeError) and "loading state_dict" in str(e):  # shapes differ
+            raise RecipeError(
+                f"lm.ckpt of {source} does not fit the recipe's lm_model "
+                f"({str(e).splitlines()[0]}): {lm_size_flags(hparams)}") from e
         where = ("the Hugging Face hub is not reachable or has no such repository"
                  if is_hub_id(source) else "the folder lacks " +
                  " or ".join(f"{k}.ckpt" for k in loadables))
@@ -90,12 +95,6 @@ def load_pretrained(hparams, lm_model=None):
             "Use --pretrained_lm_tokenizer_path /local/folder (holding lm.ckpt and "
             "tokenizer.ckpt), or --no_lm True to decode without LM and train the tokenizer on "
             "your transcripts.") from e
-    try:
-        pretrainer.load_collected()
-    except RuntimeError as e:  # the LM's shapes differ from lm_model's (size mismatch)
-        raise RecipeError(
-            f"lm.ckpt of {source} does not fit the recipe's lm_model "
-            f"({str(e).splitlines()[0]}): {lm_size_flags(hparams)}") from e
     _check_vocab(tokenizer, hparams["output_neurons"], source)
     return tokenizer, os.path.join(hparams["save_folder"], "tokenizer.ckpt")
 
