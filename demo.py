@@ -9,6 +9,8 @@ exported model and prints a summary table.
     python demo.py --epochs 5           # the time budget knob: ~1.5-2 min per epoch on 2 cores
     python demo.py --resume             # continue an interrupted run in the same folder
     python demo.py --quick              # smoke run in seconds: tiny model, few utterances
+    python demo.py --streaming          # the causal model (hparams/CTC/demo_streaming.yaml), also
+                                        # decoded by StreamingTranscriber in 160 ms pieces
 
 Training runs train_CTC.py in a subprocess (its progress bar and logs go to this terminal);
 everything it writes (checkpoints, wer_*.txt / cer_*.txt, inference/) and summary.json land in
@@ -29,6 +31,8 @@ from recipes import RecipeError, manifest, run_cli
 REPO = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
 HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo.yaml")
+STREAMING_HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo_streaming.yaml")
+STREAM_PIECE_SECONDS = 0.16
 SPLITS = ("train", "valid", "test", "real")
 TEST_SETS = ("test", "real")  # test_csv of demo.yaml, in this order
 LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # tried on the valid split
@@ -47,7 +51,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs over the 2150 bundled utterances (default: demo.yaml's)")
-    p.add_argument("--output-folder", default=os.path.join(REPO, "demo_results"))
+    p.add_argument("--output-folder", default=None,
+                   help="default: demo_results/ (demo_streaming_results/ with --streaming)")
     p.add_argument("--resume", action="store_true",
                    help="keep the output folder and continue from its last checkpoint "
                         "(default: start afresh)")
@@ -61,7 +66,13 @@ def parse_args(argv=None):
                    help="audio file to transcribe at the end (default: the first test utterance)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny model, 1 epoch on a few utterances (for tests)")
+    p.add_argument("--streaming", action="store_true",
+                   help="train the causal streaming model (hparams/CTC/demo_streaming.yaml) and "
+                        "also report its error rates when streamed in 160 ms pieces")
     args = p.parse_args(argv)
+    if args.output_folder is None:
+        args.output_folder = os.path.join(
+            REPO, "demo_streaming_results" if args.streaming else "demo_results")
     args.corpus = os.path.abspath(args.corpus)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
@@ -93,7 +104,8 @@ def write_subset(folder, counts, corpus):
 
 def train_command(args, out):
     """The train_CTC.py command line for this demo run."""
-    cmd = [sys.executable, os.path.join(REPO, "train_CTC.py"), HPARAMS, "--device", args.device,
+    hparams = STREAMING_HPARAMS if args.streaming else HPARAMS
+    cmd = [sys.executable, os.path.join(REPO, "train_CTC.py"), hparams, "--device", args.device,
            "--output_folder", out]
     if args.quick:
         csvs = write_subset(os.path.join(out, "quick_data"), QUICK_UTTERANCES, args.corpus)
@@ -180,6 +192,27 @@ def error_rates(asr, rows, corpus):
     return wer.summarize("error_rate"), cer.summarize("error_rate")
 
 
+def streaming_error_rates(inference_folder, rows, corpus, device):
+    """(WER, CER) in % of StreamingTranscriber (greedy) fed STREAM_PIECE_SECONDS pieces, as
+    train_CTC.py computes them for its test sets."""
+    from inference.streaming import StreamingTranscriber
+    from inference.transcriber import read_audio, to_mono
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    asr = StreamingTranscriber.from_folder(
+        inference_folder, device=device,
+        savedir=os.path.join(os.path.dirname(inference_folder), "inference_cache"))
+    piece = round(STREAM_PIECE_SECONDS * asr.sample_rate)
+    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    for row in rows:
+        wav = to_mono(*read_audio(os.path.join(corpus, row["wav"])), asr.sample_rate)
+        text = [t for _, t, _, final in asr.transcribe_pieces(wav, piece) if final][0]
+        # the recipe's definitions (test CER of train_CTC.py: characters of the words, no spaces)
+        wer.append([row["ID"]], [text.split()], [row["wrd"].split()])
+        cer.append([row["ID"]], [text.split()], [row["wrd"].split()])
+    return wer.summarize("error_rate"), cer.summarize("error_rate")
+
+
 def load_transcriber(inference_folder, device):
     from inference import Transcriber
 
@@ -204,6 +237,10 @@ def format_table(summary):
             rows.append((f"{name} + token LM", f"WER {s['word_lm']['WER']:.2f} %   "
                          f"CER {s['word_lm']['CER']:.2f} %   (LM weight "
                          f"{summary['lm_weight']}, chosen on valid)"))
+        if "streaming" in s:
+            rows.append((f"{name} streamed", f"WER {s['streaming']['WER']:.2f} %   "
+                         f"CER {s['streaming']['CER']:.2f} %   (greedy, "
+                         f"{STREAM_PIECE_SECONDS * 1000:.0f} ms pieces)"))
     rows += [("file", summary["file"]), ("reference", summary["reference"]),
              ("transcript", summary["transcript"])]
     width = max(len(k) for k, _ in rows)
@@ -276,6 +313,10 @@ def main(argv=None):
         if word_lm:
             wer_lm, cer_lm = error_rates(asr, rows[name][:n], args.corpus)
             summary[name]["word_lm"] = {"WER": wer_lm, "CER": cer_lm}
+        if args.streaming:
+            wer_s, cer_s = streaming_error_rates(inference, rows[name][:n], args.corpus,
+                                                 args.device)
+            summary[name]["streaming"] = {"WER": wer_s, "CER": cer_s}
     summary["total_seconds"] = time.time() - start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

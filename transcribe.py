@@ -5,6 +5,8 @@ train_CTC.py / train_S2S.py).
     python transcribe.py results/CTC/demo/7775/inference a.wav b.flac
     python transcribe.py MODEL_DIR talk.wav --chunk-seconds 30 --overlap-seconds 4 --device cpu
     python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # without the LM
+    python transcribe.py STREAMING_MODEL_DIR a.wav --stream --piece-ms 160  # as a live stream
+    python transcribe.py STREAMING_MODEL_DIR --mic                         # microphone
 
 Output: one line per file, in the order given: PATH<TAB>TRANSCRIPT (--text-only: TRANSCRIPT).
 Any sample rate and channel count (resampled to the model's rate, channels averaged); formats
@@ -16,6 +18,7 @@ status 1 when any failed; --fail-fast stops before decoding anything). A model f
 """
 
 import argparse
+import os
 import sys
 
 from recipes import run_cli
@@ -29,7 +32,7 @@ def parse_args(argv):
                "with --text-only.")
     parser.add_argument("model_dir", metavar="MODEL_DIR",
                         help="exported folder (hyperparams.yaml, model.ckpt, tokenizer.ckpt...)")
-    parser.add_argument("audio", metavar="AUDIO", nargs="+", help="audio files")
+    parser.add_argument("audio", metavar="AUDIO", nargs="*", help="audio files")
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N | mps (default: best available)")
     parser.add_argument("--beam-size", type=int, default=None,
@@ -61,7 +64,22 @@ def parse_args(argv):
     parser.add_argument("--fail-fast", action="store_true",
                         help="stop at the first unreadable audio file, before decoding anything "
                              "(default: report it on stderr, transcribe the others, exit 1)")
-    return parser.parse_args(argv)
+    parser.add_argument("--stream", action="store_true",
+                        help="causal CTC models (hparams/CTC/conmamba_streaming.yaml): feed each "
+                             "file as a live stream in pieces of --piece-ms and print the partial "
+                             "text with its audio time and the piece's compute time")
+    parser.add_argument("--piece-ms", type=float, default=160.0,
+                        help="--stream / --mic: audio per piece in ms (160)")
+    parser.add_argument("--mic", action="store_true",
+                        help="stream the microphone until Ctrl-C (needs the sounddevice package)")
+    parser.add_argument("--mic-seconds", type=float, default=None,
+                        help="--mic: stop after this many seconds")
+    args = parser.parse_args(argv)
+    if not args.audio and not args.mic:
+        parser.error("the following arguments are required: AUDIO (or --mic)")
+    if args.piece_ms <= 0:
+        parser.error("--piece-ms must be > 0")
+    return args
 
 
 def main(argv):
@@ -69,6 +87,8 @@ def main(argv):
     RecipeError for user-fixable problems that stop everything."""
     args = parse_args(argv)
     set_mps_fallback_env(["--device", args.device] if args.device else [])  # before torch
+    if args.stream or args.mic:  # small per-piece work: spinning OpenMP threads cost more than
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # they save on a shared CPU
 
     from inference.transcriber import Transcriber, model_kind
     from recipes.audio import AudioError, check_audio
@@ -87,8 +107,20 @@ def main(argv):
             check_audio(path)
         except AudioError as e:
             report(path, e)
-    if len(failed) == len(args.audio):
+    if args.audio and len(failed) == len(args.audio):
         return 1
+    if args.stream or args.mic:
+        from inference.streaming import (StreamingTranscriber, require_sounddevice, stream_files,
+                                         stream_microphone)
+
+        if args.mic:
+            require_sounddevice()
+        streamer = StreamingTranscriber.from_folder(args.model_dir, device=args.device)
+        stream_files(streamer, [p for p in args.audio if p not in failed], args.piece_ms / 1000,
+                     args.text_only)
+        if args.mic:
+            stream_microphone(streamer, args.piece_ms / 1000, args.mic_seconds)
+        return 1 if failed else 0
     asr = Transcriber.from_folder(
         args.model_dir, device=args.device, beam_size=args.beam_size,
         use_lm=False if args.no_lm else None, ctc_weight=args.ctc_weight,

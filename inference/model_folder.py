@@ -19,6 +19,7 @@ from recipes import RecipeError
 # Every !new: / !name: target that recipes/export.py writes (CTC and S2S, with or without LM).
 ALLOWED = frozenset({
     "speechbrain.lobes.features.Fbank",
+    "modules.streaming.CausalFbank",  # streaming recipes
     "speechbrain.processing.features.InputNormalization",
     "speechbrain.lobes.models.convolution.ConvolutionFrontEnd",
     "modules.TransformerASR.TransformerASR",
@@ -26,7 +27,9 @@ ALLOWED = frozenset({
     "sentencepiece.SentencePieceProcessor",
     "torch.nn.LogSoftmax",
     "torch.nn.ModuleList",
-    "torch.nn.GELU",
+    # activations a recipe may set (activation, conformer_activation, ...: --activation ...)
+    "torch.nn.GELU", "torch.nn.ReLU", "torch.nn.SiLU", "torch.nn.Identity", "torch.nn.Tanh",
+    "torch.nn.LeakyReLU", "speechbrain.nnet.activations.Swish",
     "speechbrain.nnet.containers.LengthsCapableSequential",
     "speechbrain.lobes.models.transformer.TransformerASR.EncoderWrapper",
     "speechbrain.decoders.ctc.CTCBeamSearcher",

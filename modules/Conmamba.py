@@ -21,7 +21,7 @@ from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.config import build_mamba, check_mamba_config
-from modules.mamba_encoder import EncoderStack, no_chunking
+from modules.mamba_encoder import EncoderStack, mamba_mix, no_chunking
 
 
 def _feed_forward(d_model, d_ffn, activation, dropout):
@@ -43,15 +43,29 @@ class MaskedConvolutionModule(ConvolutionModule):
     convolution, which therefore sees the same zeros as at the end of an unpadded sequence.
     """
 
-    def forward(self, x, pad_mask: Optional[torch.Tensor] = None, dynchunktrain_config=None):
-        """x: (B, L, D), pad_mask: (B, L) bool or None -> (B, L, D)."""
+    def forward(self, x, pad_mask: Optional[torch.Tensor] = None, dynchunktrain_config=None,
+                cache=None):
+        """x: (B, L, D), pad_mask: (B, L) bool or None -> (B, L, D).
+
+        cache (causal modules, streaming): an object whose ``conv`` attribute holds the last
+        ``padding`` depthwise-conv inputs (B, D, padding) of the previous piece; it replaces the
+        zero left padding and is updated in place.
+        """
         no_chunking(dynchunktrain_config)
         out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, L)
         if pad_mask is not None:
             out = out.masked_fill(pad_mask.unsqueeze(1), 0.0)
-        out = self.conv(out)
-        if self.causal:
-            out = out[..., : -self.padding]
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("Only a causal convolution module can carry a streaming cache")
+            full = torch.cat([cache.conv.to(out.dtype), out], dim=-1)
+            cache.conv.copy_(full[..., full.shape[-1] - self.padding:].detach())
+            out = nn.functional.conv1d(full, self.conv.weight, self.conv.bias,
+                                       dilation=self.conv.dilation, groups=self.conv.groups)
+        else:
+            out = self.conv(out)
+            if self.causal:
+                out = out[..., : -self.padding]
         return self.after_conv(out.transpose(1, 2))
 
 
@@ -80,12 +94,17 @@ class ConmambaEncoderLayer(nn.Module):
         self.norm1 = LayerNorm(d_model)
         self.norm2 = LayerNorm(d_model)
 
-    def forward(self, x, src_key_padding_mask=None, lengths=None):
+    def forward(self, x, src_key_padding_mask=None, lengths=None, cache=None):
         """x: (B, L, D), src_key_padding_mask: (B, L) bool or None, lengths: its valid frames
-        (B,) or None -> (B, L, D)."""
+        (B,) or None -> (B, L, D).
+
+        cache: streaming state of a causal layer (``modules.streaming.LayerCache``: ``mamba``
+        MambaCache, ``conv`` conv-module context), updated in place; None offline.
+        """
         x = x + 0.5 * self.ffn_module1(x)
-        x = x + self.mamba(self.norm1(x), pad_mask=src_key_padding_mask, lengths=lengths)
-        x = x + self.convolution_module(x, src_key_padding_mask)
+        x = x + mamba_mix(self.mamba, self.norm1(x), src_key_padding_mask, lengths,
+                          None if cache is None else cache.mamba)
+        x = x + self.convolution_module(x, src_key_padding_mask, cache=cache)
         return self.norm2(x + 0.5 * self.ffn_module2(x))
 
 

@@ -24,6 +24,15 @@ def no_chunking(dynchunktrain_config):
         )
 
 
+def mamba_mix(mamba, x, pad_mask=None, lengths=None, cache=None):
+    """(Bi)Mamba block on x (B, L, D) (lengths: valid frames (B,) of pad_mask, when known). A
+    single streamed frame goes through Mamba.step: the same output as a scan of length 1, with a
+    fraction of its per-call overhead."""
+    if cache is not None and pad_mask is None and x.shape[1] == 1:
+        return mamba.step(x, cache)
+    return mamba(x, pad_mask=pad_mask, cache=cache, lengths=lengths)
+
+
 class EncoderStack(nn.Module):
     """Layer stack + final LayerNorm(eps 1e-6) with SpeechBrain's encoder call convention.
 
@@ -55,11 +64,18 @@ class EncoderStack(nn.Module):
         src_key_padding_mask=None,
         pos_embs=None,
         dynchunktrain_config=None,
+        cache=None,
     ):
+        """cache: one streaming state per layer (``modules.streaming.LayerCache``) or None."""
         no_chunking(dynchunktrain_config)
         lengths = None  # valid frames (B,), derived from the mask once for every layer
         if src_key_padding_mask is not None:
             lengths = valid_lengths(src, src_key_padding_mask)
+        if cache is not None:  # streaming: every layer, no layerdrop nor checkpointing
+            output = src
+            for layer, layer_cache in zip(self.layers, cache):
+                output = layer(output, src_key_padding_mask, lengths, cache=layer_cache)
+            return self.norm(output), None
         output = src
         hidden_states = [output]
         drop = self.training and self.layerdrop_prob > 0.0
@@ -99,11 +115,13 @@ class MambaEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x, src_key_padding_mask=None, lengths=None):
+    def forward(self, x, src_key_padding_mask=None, lengths=None, cache=None):
         """x: (B, L, D), src_key_padding_mask: (B, L) bool or None, lengths: its valid frames
-        (B,) or None -> (B, L, D)."""
-        x = x + self.dropout1(
-            self.mamba(self.norm1(x), pad_mask=src_key_padding_mask, lengths=lengths))
+        (B,) or None -> (B, L, D); cache: see ConmambaEncoderLayer.forward (only its ``mamba``
+        state is used)."""
+        mamba_cache = None if cache is None else cache.mamba
+        x = x + self.dropout1(mamba_mix(self.mamba, self.norm1(x), src_key_padding_mask,
+                                        lengths, mamba_cache))
         return x + self.dropout2(self.pos_ffn(self.norm2(x)))
 
 

@@ -1,6 +1,7 @@
 """Model folders are data, not code (inference.model_folder), and transcribe.py keeps going past
 a bad file."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -44,6 +45,25 @@ def test_every_exported_yaml_passes(kind, with_lm, tmp_path):
                                 {"output_folder": str(tmp_path / "out")})
     path = tmp_path / "hyperparams.yaml"
     path.write_text(inference_yaml(hparams, kind, with_lm=with_lm))
+    check_hyperparams(path)
+
+
+@pytest.mark.parametrize("rel", sorted(os.path.relpath(p, REPO) for kind in ("CTC", "S2S")
+                                       for p in glob.glob(os.path.join(REPO, "hparams", kind,
+                                                                       "*.yaml"))))
+def test_every_recipe_exports_a_folder_that_loads(rel, tmp_path):
+    """Whatever recipe trained it (streaming features, another activation), the exported
+    hyperparams.yaml passes the allowlist."""
+    from recipes.export import inference_yaml
+    from recipes.hparams import load_recipe
+
+    kind = rel.split(os.sep)[1]
+    out = tmp_path / "out"
+    overrides = (f"output_folder: {out}\ndata_folder: {out}\nskip_prep: True\n"
+                 "activation: !name:torch.nn.ReLU\n" + ("no_lm: True\n" if kind == "S2S" else ""))
+    hparams, _, _ = load_recipe(os.path.join(REPO, rel), overrides)
+    path = tmp_path / "hyperparams.yaml"
+    path.write_text(inference_yaml(hparams, kind))
     check_hyperparams(path)
 
 

@@ -159,9 +159,20 @@ def test_reused_work_buffers_do_not_leak_between_calls(small_blocks):
     truth = run_scan(selective_scan_ref, large, torch.ones(3, 16, 70), ARG_NAMES, True)
     for name, ref in truth.items():
         assert rel_err(out_large[name], ref) < 1e-5, name
-    pool = ss._SCRATCH.pool[(torch.float32, torch.device("cpu"))]
+    pool = ss._SCRATCH.pool[(torch.float32, torch.device("cpu"), False)]
     assert all(t.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()
                for res in (out_small, out_large, again) for t in res.values())
+
+
+def test_scan_after_an_inference_mode_scan(small_blocks):
+    """Work buffers made under torch.inference_mode (transcription) are not reused by a scan
+    outside it (training), where writing into an inference tensor is an error."""
+    inputs = make_inputs(2, 8, 4, 37, torch.float32)
+    args = [inputs[k] for k in ARG_NAMES]
+    with torch.inference_mode():
+        inside = selective_scan_torch(*args, delta_softplus=True)
+    outside = selective_scan_torch(*args, delta_softplus=True)
+    assert torch.equal(inside, outside)
 
 
 def test_empty_sequence():

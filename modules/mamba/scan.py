@@ -167,7 +167,8 @@ class _Scratch:
     def __init__(self, like, shapes):
         """shapes: {name: shape or None}; self.views: {name: tensor view or None}."""
         total = sum(math.prod(s) for s in shapes.values() if s is not None)
-        self.key = (like.dtype, like.device)
+        # tensors made under inference_mode cannot be written outside it: pooled apart
+        self.key = (like.dtype, like.device, torch.is_inference_mode_enabled())
         self.pool = _SCRATCH.__dict__.setdefault("pool", {}) if like.device.type == "cpu" else None
         flat = None if self.pool is None else self.pool.pop(self.key, None)
         if flat is None or flat.numel() < total:

@@ -1,0 +1,191 @@
+"""Streaming (modules.streaming, inference.streaming, transcribe.py --stream) on tiny random
+causal models built from hparams/CTC/demo_streaming.yaml: streamed log-probabilities equal the
+whole-utterance ones, whatever the piece sizes."""
+
+import io
+import math
+import os
+import random
+
+import pytest
+import soundfile
+import torch
+from speechbrain.lobes.features import Fbank
+
+import transcribe
+from inference.streaming import StreamingTranscriber, stream_files
+from inference.transcriber import Transcriber, TranscriberError
+from recipes.audio import load_audio
+from modules.streaming import CausalFbank, StreamingEncoder, StreamingError
+from recipes.hparams import load_recipe
+from recipes.untrained import export_untrained, speech_like
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STREAMING = os.path.join(REPO, "hparams", "CTC", "demo_streaming.yaml")
+TINY = {"d_model": 32, "nhead": 2, "num_encoder_layers": 2, "d_ffn": 64, "d_state": 4}
+SR = 16000
+
+
+def _recipe_model(path, folder, overrides=None):
+    """(hparams, StreamingEncoder args) of a recipe with random weights, normaliser fitted."""
+    hp, _, _ = load_recipe(path, {"output_folder": str(folder), **TINY, **(overrides or {})},
+                           "cpu")
+    with torch.no_grad():
+        wav = torch.from_numpy(speech_like(8.0))[None]
+        hp["normalize"](hp["compute_features"](wav), torch.ones(1), epoch=0)
+    parts = (hp["compute_features"], hp["normalize"], hp["CNN"], hp["Transformer"], hp["ctc_lin"])
+    for module in parts:
+        module.eval()
+    return hp, parts
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return StreamingEncoder(*_recipe_model(STREAMING, tmp_path_factory.mktemp("s"))[1])
+
+
+@pytest.fixture(scope="module")
+def utterance():
+    """0.5 s of digital silence then 2 s of speech."""
+    return torch.cat([torch.zeros(SR // 2), torch.from_numpy(speech_like(2.0))])
+
+
+def _stream(encoder, wav, sizes):
+    """Log-probabilities of wav pushed in pieces of the given sizes (cycled), then finish."""
+    state, outs, start, k = encoder.new_state(), [], 0, 0
+    while start < len(wav):
+        outs.append(encoder.push(state, wav[start: start + sizes[k % len(sizes)]]))
+        start += sizes[k % len(sizes)]
+        k += 1
+    outs.append(encoder.finish(state))
+    return torch.cat(outs, dim=1), state
+
+
+# 160 samples: one feature frame; 100, 333, 1000: not multiples of the hop nor of the 640-sample
+# (4 x 10 ms) encoder frame; 32000: 2 s
+@pytest.mark.parametrize("piece", [160, 100, 333, 640, 1000, 1600, 32000])
+def test_stream_equals_whole_utterance(encoder, utterance, piece):
+    whole = encoder.offline_log_probs(utterance)
+    streamed, _ = _stream(encoder, utterance, [piece])
+    assert streamed.shape == whole.shape and whole.shape[1] > 50
+    assert torch.allclose(streamed, whole, atol=1e-4, rtol=0)
+
+
+def test_pure_mamba_encoder_streams(tmp_path, utterance):
+    """encoder_module mamba: Mamba + FFN layers, no conv module (LayerCache.conv is None)."""
+    encoder = StreamingEncoder(*_recipe_model(STREAMING, tmp_path, {"encoder_module": "mamba"})[1])
+    assert all(layer.conv is None for layer in encoder.new_state().layers)
+    streamed, _ = _stream(encoder, utterance, [333])
+    assert torch.allclose(streamed, encoder.offline_log_probs(utterance), atol=1e-4, rtol=0)
+
+
+def test_state_carried_over_many_uneven_pieces(encoder, utterance):
+    sizes = [random.Random(1).randint(0, 700) for _ in range(50)]  # includes empty pieces
+    whole = encoder.offline_log_probs(utterance)
+    streamed, state = _stream(encoder, utterance, sizes)
+    assert torch.allclose(streamed, whole, atol=1e-4, rtol=0)
+    # the carried state has a fixed size: a few STFT hops of samples, < one CNN window of frames
+    assert state.samples.numel() < 4 * encoder.hop + max(sizes)
+    assert state.features.shape[0] < encoder.cnn_window + encoder.cnn_stride
+    with pytest.raises(StreamingError, match="finished"):
+        encoder.push(state, utterance[:160])
+
+
+def test_silence_then_speech_needs_a_causal_log_floor(encoder, utterance):
+    """Fbank's per-utterance floor (max - 80 dB) would give the silence of a stream other values
+    than the same silence in the whole file; CausalFbank's frames depend on their window only."""
+    fbank = encoder.compute_features
+    assert isinstance(fbank, CausalFbank)
+    silence = fbank(utterance[None, : SR // 4])[0, :10]
+    assert torch.equal(silence, fbank(utterance[None])[0, :10])
+    offline = Fbank(sample_rate=SR, n_fft=512, win_length=25, n_mels=80)
+    assert not torch.allclose(offline(utterance[None, : SR // 4])[0, :10],
+                              offline(utterance[None])[0, :10])
+
+
+def test_bidirectional_and_lookahead_models_refuse_to_stream(tmp_path):
+    demo = os.path.join(REPO, "hparams", "CTC", "demo.yaml")
+    _, parts = _recipe_model(demo, tmp_path / "bi")
+    with pytest.raises(StreamingError, match="bidirectional"):
+        StreamingEncoder(*parts)
+    # unidirectional Mamba but the offline CNN ("same" padding: looks ahead)
+    _, parts = _recipe_model(STREAMING, tmp_path / "cnn", {"cnn_padding": "same"})
+    with pytest.raises(StreamingError, match="CNN front end"):
+        StreamingEncoder(*parts)
+
+
+@pytest.fixture(scope="module")
+def streaming_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_streaming")
+    return export_untrained(STREAMING, "CTC", str(folder), overrides=TINY, n_sentences=2000)
+
+
+@pytest.fixture(scope="module")
+def speech_file(tmp_path_factory):
+    """A bundled test utterance (else 3 s of speech-like noise)."""
+    bundled = os.path.join(REPO, "data", "mini_corpus", "audio", "test", "te_00001.ogg")
+    if os.path.isfile(bundled):
+        return bundled
+    path = str(tmp_path_factory.mktemp("wav") / "speech.wav")
+    soundfile.write(path, speech_like(3.0), SR, subtype="FLOAT")
+    return path
+
+
+def _pieces(path, piece_samples):
+    return math.ceil(soundfile.info(path).frames / piece_samples)
+
+
+def test_transcriber_partial_text_and_reset(streaming_dir, speech_file):
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    wav = load_audio(speech_file, SR)
+    offline = Transcriber.from_folder(streaming_dir, device="cpu").transcribe_files([speech_file])
+    assert offline[0]  # a random model emits characters
+    partials = [text for _, text, _, _ in asr.transcribe_pieces(wav, 480)]
+    assert partials[-1] == offline[0]
+    assert all(partials[-1].startswith(p.rsplit(" ", 1)[0]) for p in partials)  # text only grows
+    # after finish() (or reset()) a new stream starts from a clean state
+    asr.push(torch.from_numpy(speech_like(1.0, seed=3)))
+    asr.reset()
+    assert asr.text == ""
+    again = [text for _, text, _, _ in asr.transcribe_pieces(wav, 2000)]
+    assert again[-1] == offline[0]
+
+
+def test_cli_stream_matches_offline(streaming_dir, speech_file, capsys):
+    offline = Transcriber.from_folder(streaming_dir, device="cpu").transcribe_files([speech_file])
+    assert transcribe.run([streaming_dir, speech_file, "--stream", "--piece-ms", "100",
+                           "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    partial = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+    assert lines[-1] == f"{speech_file}\t{offline[0]}"
+    # the partial lines grow towards it (the last frames come out when the stream ends)
+    assert partial and all(offline[0].startswith(p) for p in partial)
+    assert "real-time factor" in err and f"{_pieces(speech_file, 1600)} pieces of 100 ms" in err
+
+
+def test_cli_refuses_bidirectional_and_missing_sounddevice(tmp_path, speech_file, capsys):
+    bi = export_untrained(os.path.join(REPO, "hparams", "CTC", "tiny.yaml"), "CTC",
+                          str(tmp_path / "bi"), n_sentences=500)
+    assert transcribe.run([bi, speech_file, "--stream", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot stream" in err and "bidirectional" in err and "conmamba_streaming" in err
+    try:
+        import sounddevice  # noqa: F401
+    except (ImportError, OSError):
+        assert transcribe.run([bi, "--mic", "--device", "cpu"]) == 1
+        assert "pip install sounddevice" in capsys.readouterr().err
+
+
+def test_stream_files_text_only(streaming_dir, speech_file):
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    out, err = io.StringIO(), io.StringIO()
+    stream_files(asr, [speech_file], 0.04, text_only=True, out=out, err=err)
+    assert out.getvalue().count("\n") == 1
+    assert f"{_pieces(speech_file, 640)} pieces of 40 ms" in err.getvalue()
+
+
+def test_s2s_and_bad_piece_size_errors(streaming_dir):
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    with pytest.raises(TranscriberError, match="at least one sample"):
+        list(asr.transcribe_pieces(torch.zeros(100), 0))
