@@ -3,7 +3,7 @@
 train_CTC.py / train_S2S.py).
 
     python transcribe.py results/CTC/demo/7775/inference a.wav b.flac
-    python transcribe.py MODEL_DIR talk.wav --chunk-seconds 30 --overlap-seconds 4 --device cpu
+    python transcribe.py MODEL_DIR talk.wav --chunk-seconds 60 --overlap-seconds 4 --device cpu
     python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # without the LM
     python transcribe.py STREAMING_MODEL_DIR a.wav --stream --piece-ms 160  # as a live stream
     python transcribe.py STREAMING_MODEL_DIR --mic                         # microphone
@@ -52,8 +52,10 @@ def parse_args(argv):
     parser.add_argument("--ctc-partial", action="store_true",
                         help="S2S: the CTC scorer rescores only the 2 x beam best tokens per step "
                              "(much faster on CPU than scoring the whole vocabulary)")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0,
-                        help="longer audio is split into chunks of at most this length (30)")
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="longer audio is split into chunks of at most this length (default "
+                             "from the model folder: 300 for CTC models with a Mamba encoder, "
+                             "linear in time and memory; 30 for attention encoders and S2S)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0,
                         help="overlap between consecutive chunks (4); their transcripts are "
                              "joined at the middle of the longest word run both transcribe in "

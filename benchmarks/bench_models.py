@@ -9,12 +9,15 @@ Encoders: the official S2S small (d_model 144, 12 layers) and large (d_model 512
 TransformerASR.encode() on (batch, frames, 640) inputs, i.e. what follows the CNN front end:
 100 feature frames/s of audio, /4 after the front end -> 25 encoder frames per second of audio.
 forward: eval mode, no_grad. forward+backward: train mode, sum of the output backpropagated.
-Times are medians (3 runs when a run is under 2 s, else 1 run, after a warm-up on a short input).
-Peak memory: the process's peak resident set size during the first run minus the resident size just
-before (Linux VmHWM reset through /proc/self/clear_refs; "n/a" elsewhere): pages held at the peak
-(activations, gradients, allocator slack), not bytes requested. On Linux the script re-executes
-itself with MALLOC_MMAP_THRESHOLD_=131072 so that freed blocks leave the resident set (this adds
-page-fault time to every row alike).
+Each (model, length) first runs once untimed, measuring memory (and warming up at that length);
+times are then medians of 3 runs when a run is under 2 s, else of 1 run. Conformer and ConMamba
+alternate at each length, so machine load hits both alike; ratio = Conformer time / ConMamba time
+(> 1: ConMamba faster). The allocator is the platform default (glibc's malloc on Linux), untuned.
+Peak memory: resident set size at the peak of the untimed run minus the resident size just before
+it (Linux: malloc_trim(0) first returns freed heap pages to the OS, then VmHWM is reset through
+/proc/self/clear_refs; "n/a" elsewhere): pages held at the peak (activations, gradients,
+allocator slack), not bytes requested; buffers kept across calls (the scan's scratch) are not
+counted.
 
 Decoder: Mamba decoder with the official S2S small dims (d_model 144, 4 layers, 5000 tokens) and
 seq_lin, 10 s of audio (250 memory frames), 10 hypotheses (batch 1 x beam 10). Time (median) of one
@@ -23,16 +26,20 @@ recurrent step, caches reordered by a random beam permutation) vs stateless (Spe
 decode() over the whole prefix, which for the Mamba decoder rescans [memory; prefix], as the
 official code does).
 
+ConMamba's scan: compiled when numba is installed (modules/mamba/scan_cpu.py); for comparable
+rows set MAMBA_SCAN_NUMBA=1 (always compiled) or 0 (pure PyTorch): unset, the kernels load at the
+first large scan, so short rows measured before it run the pure-PyTorch scan.
+
 Machine load matters: other processes on the same cores make every figure noisy; the load average is
 printed with the results.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -46,7 +53,6 @@ FRAMES_PER_SECOND = 25  # 100 feature frames/s, /4 after the CNN front end
 SMALL = dict(d_model=144, nhead=4, num_encoder_layers=12, d_ffn=1024)
 LARGE = dict(d_model=512, nhead=8, num_encoder_layers=12, d_ffn=2048)
 MAMBA_CONFIG = {"d_state": 16, "expand": 2, "d_conv": 4, "bidirectional": True}
-MMAP_THRESHOLD = 1 << 17
 STEPS = 9  # stateful steps timed per prefix length (median)
 
 
@@ -77,8 +83,17 @@ def _rss_kb(field):
     raise RuntimeError(field)
 
 
+def _malloc_trim():
+    """Hands glibc's free heap pages back to the OS, so the next peak RSS is this run's own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_memory_mb(fn):
     """Run fn(); return (result, peak RSS above the RSS before, MB or None when not measurable)."""
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -116,11 +131,11 @@ def encoder_run(model, batch, frames, backward):
             model.encode(x)
 
 
-def timed(fn, memory=False):
-    """(seconds, peak MB or None) of one run of fn."""
+def timed(fn):
+    """Seconds of one run of fn."""
     t = time.perf_counter()
-    peak = peak_memory_mb(fn)[1] if memory else fn()
-    return time.perf_counter() - t, peak
+    fn()
+    return time.perf_counter() - t
 
 
 def predicted_s(history, batch, frames, exponent):
@@ -132,11 +147,15 @@ def predicted_s(history, batch, frames, exponent):
     return batch * last_s * (frames / last_frames) ** exponent
 
 
+def encoder_sizes(args):
+    return args.sizes or (["S"] if args.quick else ["S", "L"])
+
+
 def bench_encoders(args):
     """Conformer and ConMamba measured alternately (so machine load hits both alike)."""
-    sizes = {"S": SMALL} if args.quick else {"S": SMALL, "L": LARGE}
-    seconds = [10, 30, 300] if args.quick else [10, 30, 60, 120, 300]
-    cases = [(1, s) for s in seconds] + [(8, 10)]
+    sizes = {k: v for k, v in {"S": SMALL, "L": LARGE}.items() if k in encoder_sizes(args)}
+    seconds = args.seconds or ([10, 30, 300] if args.quick else [10, 30, 60, 120, 300])
+    cases = [(1, s) for s in seconds] + ([] if args.no_batch else [(8, 10)])
     exponents = {"conformer": 2.0, "conmamba": 1.0}  # attention is quadratic in length
     rows = []
     for size, dims in sizes.items():
@@ -174,13 +193,14 @@ def bench_encoders(args):
                     else:
                         run[module] = (model, row)
                     rows.append(row)
+                for module, (model, row) in run.items():  # untimed: memory, warm-up
+                    row["peak_mb"] = peak_memory_mb(
+                        lambda: encoder_run(model, batch, frames, backward))[1]
                 times = {module: [] for module in run}
-                for i in range(3):
+                for _ in range(3):
                     for module, (model, row) in run.items():
-                        t, peak = timed(lambda: encoder_run(model, batch, frames, backward), i == 0)
-                        times[module].append(t)
-                        if i == 0:
-                            row["peak_mb"] = peak
+                        times[module].append(
+                            timed(lambda: encoder_run(model, batch, frames, backward)))
                     if not times or max(t[0] for t in times.values()) > 2.0:
                         break  # long runs: one is enough
                 for module, (model, row) in run.items():
@@ -189,13 +209,15 @@ def bench_encoders(args):
                         history[module].append((frames, row["time_s"]))
                 for row in rows[-len(models) :]:
                     print_row(row)
+                print(f"  {'':12s} {mode:8s} B={batch} {sec:4d} s  conformer / conmamba time: "
+                      f"{time_ratio(rows[-len(models):])}", flush=True)
         del models
     return rows
 
 
 def bench_checkpointing(args):
     """ConMamba encoder fwd+bwd with and without encoder_gradient_checkpointing."""
-    sizes = {"S": SMALL} if args.quick else {"S": SMALL, "L": LARGE}
+    sizes = {k: v for k, v in {"S": SMALL, "L": LARGE}.items() if k in encoder_sizes(args)}
     rows, sec = [], 60
     for size, dims in sizes.items():
         models = {}
@@ -206,7 +228,8 @@ def bench_checkpointing(args):
                 models[flag].enable_encoder_gradient_checkpointing()
             encoder_run(models[flag], 1, 50, True)
         for flag, model in models.items():
-            t, peak = timed(lambda: encoder_run(model, 1, sec * FRAMES_PER_SECOND, True), True)
+            peak = peak_memory_mb(lambda: encoder_run(model, 1, sec * FRAMES_PER_SECOND, True))[1]
+            t = timed(lambda: encoder_run(model, 1, sec * FRAMES_PER_SECOND, True))
             rows.append(
                 dict(
                     model=f"conmamba-{size}",
@@ -223,6 +246,14 @@ def bench_checkpointing(args):
                 flush=True,
             )
     return rows
+
+
+def time_ratio(pair):
+    """'x.xx' = conformer time / conmamba time of two rows of one case, '-' if one is missing."""
+    times = {r["model"].split("-")[0]: r["time_s"] for r in pair}
+    if times.get("conformer") is None or times.get("conmamba") is None:
+        return "-"
+    return f"{times['conformer'] / times['conmamba']:.2f}"
 
 
 def print_row(row):
@@ -249,17 +280,16 @@ def encoder_table(rows):
                 key=lambda k: (k[0] != 1, k[1]),
             )
             for batch, sec in keys:
-                cells, times = [], []
+                cells, pair = [], []
                 for module in ("conformer", "conmamba"):
                     r = index.get((f"{module}-{size}", mode, batch, sec))
                     if r is None or r["time_s"] is None:
                         cells.append("skipped" if r else "-")
-                        times.append(None)
                         continue
+                    pair.append(r)
                     mem = "" if r["peak_mb"] is None else f" [{r['peak_mb']:.0f}]"
                     cells.append(f"{r['time_s']:.3f}{mem}")
-                    times.append(r["time_s"])
-                ratio = f"{times[0] / times[1]:.2f}" if None not in times else "-"
+                ratio = time_ratio(pair)
                 audio = f"{batch}x{sec}s"
                 lines.append(
                     f"{size:4s} {mode:8s} {audio:>9s} {cells[0]:>20s} {cells[1]:>20s} {ratio:>6s}"
@@ -426,23 +456,31 @@ def main():
         default=120.0,
         help="skip longer inputs of a model once one run took longer than this",
     )
+    parser.add_argument("--sizes", nargs="+", choices=["S", "L"], default=None,
+                        help="encoder dims (default: S and L; --quick: S)")
+    parser.add_argument("--seconds", type=int, nargs="+", default=None,
+                        help="audio lengths at batch 1 (default 10 30 60 120 300)")
+    parser.add_argument("--no-batch", action="store_true", help="skip the batch 8 x 10 s rows")
+    parser.add_argument("--skip-checkpointing", action="store_true")
     parser.add_argument("--skip-encoders", action="store_true")
     parser.add_argument("--skip-decoder", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("results/bench/bench_models.png"))
     args = parser.parse_args()
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # Large blocks from mmap go back to the OS when freed, so each run's peak RSS is its own
-        # (otherwise glibc reuses pages a previous run left resident and the peak reads 0).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_models", *sys.argv[1:]], env)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from modules.mamba import scan_cpu
+
+    scan = {"0": "pure PyTorch", "1": "compiled (numba)"}.get(
+        os.environ.get("MAMBA_SCAN_NUMBA"), "compiled from the first scan of >= 2^24 updates")
+    print(f"CPU scan: {scan if scan_cpu.available() else 'pure PyTorch (numba not installed)'}")
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()}"
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()}, allocator "
+        f"{'settings ' + str(tuned) if tuned else 'defaults'}"
     )
     enc_rows = [] if args.skip_encoders else bench_encoders(args)
-    ckpt_rows = [] if args.skip_encoders else bench_checkpointing(args)
+    ckpt_rows = [] if args.skip_encoders or args.skip_checkpointing else bench_checkpointing(args)
     dec_rows, init_s = ([], 0.0) if args.skip_decoder else bench_decoder(args)
     if enc_rows:
         print(encoder_table(enc_rows))

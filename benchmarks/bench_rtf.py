@@ -107,7 +107,9 @@ def main():
                         help="audio lengths in seconds (default 10 60 600)")
     parser.add_argument("--demo-model", default=None, help="exported folder of a trained model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk-seconds", type=float, default=30.0)
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="chunk length for every model (default: each model's own, see "
+                             "inference.transcriber.default_chunk_seconds)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--s2s-max-decode-ratio", type=float, default=0.2)
@@ -135,7 +137,8 @@ def main():
         wavs[seconds] = os.path.join(work, f"audio_{seconds:g}s.wav")
         if not os.path.isfile(wavs[seconds]):
             soundfile.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
-    print(f"bench_rtf: CPU, {args.threads} torch threads, chunks {args.chunk_seconds:g} s "
+    chunks = "model default" if args.chunk_seconds is None else f"{args.chunk_seconds:g} s"
+    print(f"bench_rtf: CPU, {args.threads} torch threads, chunks {chunks} "
           f"overlapping {args.overlap_seconds:g} s, batch {args.batch_size}, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at "
           f"start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores",

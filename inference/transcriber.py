@@ -13,6 +13,9 @@ LM).
 Any sample rate is resampled to the model's and channels are averaged. Audio longer than
 chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
 batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
+The default chunk length depends on the model (default_chunk_seconds): CTC models with a Mamba
+encoder, linear in time and memory, take minutes in one piece; attention encoders, quadratic in
+the chunk length, and every S2S model keep 30 s.
 """
 
 import difflib
@@ -27,9 +30,24 @@ from recipes.audio import AudioError, check_audio, load_audio, to_mono
 from recipes.export import exported_kind
 
 
+ATTENTION_CHUNK_SECONDS = 30.0
+MAMBA_CHUNK_SECONDS = 300.0
+MAMBA_ENCODERS = ("conmamba", "mamba")
+
+
 class TranscriberError(RecipeError):
     """A model folder or an option that cannot be used; the message says which and why (audio
     problems are recipes.audio.AudioError)."""
+
+
+def default_chunk_seconds(encoder_module, kind):
+    """Chunk length for a model: MAMBA_CHUNK_SECONDS for CTC models with a Mamba encoder
+    (encoder_module 'conmamba' or 'mamba'), else ATTENTION_CHUNK_SECONDS. S2S models keep the
+    short chunks whatever their encoder: their autoregressive decoder was trained on
+    utterance-length outputs and its beam search grows faster than linearly with them."""
+    if kind == "CTC" and str(encoder_module).lower() in MAMBA_ENCODERS:
+        return MAMBA_CHUNK_SECONDS
+    return ATTENTION_CHUNK_SECONDS
 
 
 def model_kind(model_dir):
@@ -85,14 +103,20 @@ class Transcriber:
     ---------
     asr : speechbrain.inference.ASR.EncoderASR or EncoderDecoderASR (already configured).
     kind : 'CTC' or 'S2S'.
-    chunk_seconds, overlap_seconds : long-audio split (see chunk_bounds).
-    batch_size : segments (files or chunks) decoded together.
+    chunk_seconds, overlap_seconds : long-audio split (see chunk_bounds); chunk_seconds None:
+        default_chunk_seconds of the model's encoder_module.
+    batch_size : segments (files or chunks) decoded together; a batch also stops growing at
+        BATCH_SECONDS of audio (so long chunks are decoded one at a time).
     """
 
     GROUP_SECONDS = 600.0
+    BATCH_SECONDS = 120.0
 
-    def __init__(self, asr, kind, chunk_seconds=30.0, overlap_seconds=4.0, batch_size=4,
+    def __init__(self, asr, kind, chunk_seconds=None, overlap_seconds=4.0, batch_size=4,
                  word_lm=None):
+        if chunk_seconds is None:
+            chunk_seconds = default_chunk_seconds(getattr(asr.hparams, "encoder_module", None),
+                                                  kind)
         if chunk_seconds <= 0 or not 0 <= overlap_seconds < chunk_seconds:
             raise TranscriberError(f"Need chunk_seconds > 0 and 0 <= overlap_seconds < "
                                    f"chunk_seconds, got {chunk_seconds} and {overlap_seconds}")
@@ -127,7 +151,8 @@ class Transcriber:
         lm_weight, word_score : CTC LM decoding: weight of the LM log-probability and score
             added per word (None: the folder's ctc_lm.json values; beam_size: its beam width,
             default 50)
-        **kwargs : chunk_seconds, overlap_seconds, batch_size (see the class).
+        **kwargs : chunk_seconds (None: by encoder type, see default_chunk_seconds),
+            overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
         from inference.model_folder import check_hyperparams, weights_only_loads
@@ -220,13 +245,27 @@ class Transcriber:
         segments = [(i, j) for i, bounds in enumerate(self.last_chunks) for j in range(len(bounds))]
         segments.sort(key=lambda s: -_length(self.last_chunks[s[0]][s[1]]))  # little padding
         words = {}
-        for k in range(0, len(segments), self.batch_size):
-            batch = segments[k: k + self.batch_size]
+        for batch in self._batches(segments):
             pieces = [wavs[i][slice(*self.last_chunks[i][j])] for i, j in batch]
             for seg, text in zip(batch, self._decode(pieces)):
                 words[seg] = text.split()
         return [" ".join(self._merge(words, i, bounds))
                 for i, bounds in enumerate(self.last_chunks)]
+
+    def _batches(self, segments):
+        """Consecutive runs of at most batch_size segments and BATCH_SECONDS of audio (at least
+        one segment each)."""
+        limit = self.BATCH_SECONDS * self.sample_rate
+        batch, total = [], 0
+        for seg in segments:
+            size = _length(self.last_chunks[seg[0]][seg[1]])
+            if batch and (len(batch) == self.batch_size or total + size > limit):
+                yield batch
+                batch, total = [], 0
+            batch.append(seg)
+            total += size
+        if batch:
+            yield batch
 
     def _merge(self, words, i, bounds):
         """Words of file i from its chunks' words (words[(i, j)]), left to right."""

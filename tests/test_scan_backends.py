@@ -31,10 +31,14 @@ def _check(ok, what):
 
 
 def kernel_checks(u, delta, A, B, C, D, z, delta_bias, dout=None):
-    """The kernel's dtype, shape and stride checks for 3-D (input-dependent) B and C."""
+    """The kernel's dtype, shape and stride checks for input-dependent B and C, 3-D or grouped
+    (batch, n_groups, dstate, L) with n_groups dividing dim (mamba-ssm's wrapper hands the
+    kernel 3-D ones as one group)."""
     itype = u.dtype
     batch, dim, length = u.shape
     dstate = A.shape[1]
+    groups = B.shape[1] if B.dim() == 4 else None
+    _check(groups is None or dim % groups == 0, "dim divisible by B's n_groups")
     _check(itype in KERNEL_INPUT_DTYPES, "u float32, float16 or bfloat16")
     _check(A.dtype == torch.float32, "A float32")
     named = {"delta": delta, "B": B, "C": C, "z": z, "dout": dout}
@@ -46,8 +50,10 @@ def kernel_checks(u, delta, A, B, C, D, z, delta_bias, dout=None):
             _check(t.stride(-1) == 1 or t.size(-1) == 1, f"{name}.stride(-1) == 1")
     _check(dstate <= 256, "d_state <= 256")
     shapes = {"u": (u, (batch, dim, length)), "delta": (delta, (batch, dim, length)),
-              "A": (A, (dim, dstate)), "B": (B, (batch, dstate, length)),
-              "C": (C, (batch, dstate, length)), "z": (z, (batch, dim, length)),
+              "A": (A, (dim, dstate)),
+              "B": (B, (batch, dstate, length) if groups is None else (batch, groups, dstate, length)),
+              "C": (C, (batch, dstate, length) if groups is None else (batch, groups, dstate, length)),
+              "z": (z, (batch, dim, length)),
               "dout": (dout, (batch, dim, length))}
     for name, (t, shape) in shapes.items():
         if t is not None:
@@ -174,7 +180,8 @@ def test_kernel_gets_one_dtype_under_autocast(part, dtype, kernel_on_cpu, monkey
         inputs = ((torch.randn(2, 5, 16), torch.randn(2, 7, 16)),
                   {"memory_key_padding_mask": _lengths_mask([7, 4], 7)})
     out, grads = _run_autocast(module, inputs, dtype, "auto", monkeypatch)
-    assert kernel_on_cpu == [("fwd", dtype)] * 2 + [("bwd", dtype)] * 2
+    calls = 1 if part == "conmamba_encoder_layer" else 2  # BiMamba: both directions, one scan
+    assert kernel_on_cpu == [("fwd", dtype)] * calls + [("bwd", dtype)] * calls
     assert all(torch.isfinite(g).all() for g in grads.values())
     out_t, grads_t = _run_autocast(module, inputs, dtype, "torch", monkeypatch)
     assert rel_err(out.float(), out_t.float()) < 3e-2

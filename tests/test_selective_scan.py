@@ -98,9 +98,21 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(ss, "CHUNK_FLOATS", 150)  # chunks of a few blocks, a partial last one
 
 
+@pytest.fixture(params=["torch", "compiled"])
+def forward_kernel(request, monkeypatch):
+    """The fast scan's forward either in pure PyTorch or with the compiled CPU kernel (numba;
+    skipped where numba is not installed)."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0" if request.param == "torch" else "1")
+    if request.param == "compiled" and not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("optional,softplus", OPTION_SETS)
-def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks):
+def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks, forward_kernel):
     use = ("u", "delta", "A", "B", "C") + optional
     inputs64 = make_inputs(*shape)
     if not softplus:  # delta is then used as the step size itself: keep it positive and small
@@ -332,3 +344,100 @@ def test_lengths_of_the_wrong_shape_give_a_clear_error():
     inputs = make_inputs(2, 4, 3, 10, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
         selective_scan(*(inputs[k] for k in ARG_NAMES), lengths=torch.tensor([3]))
+
+
+def grouped_inputs(batch, d_inner, d_state, length, groups, dtype=torch.float64, seed=0):
+    """make_inputs with B and C of shape (batch, groups, d_state, length)."""
+    inputs = make_inputs(batch, d_inner, d_state, length, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in ("B", "C"):
+        inputs[name] = torch.randn(batch, groups, d_state, length, generator=g,
+                                   dtype=torch.float64).to(dtype)
+    return inputs
+
+
+def test_grouped_reference_is_one_scan_per_channel_group():
+    """Group g of B and C drives channels g * d_inner / G ... (mamba-ssm's convention): the
+    grouped reference equals separate scans of each channel block."""
+    inputs = grouped_inputs(2, 12, 4, 9, groups=3)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    for g, cs in enumerate((slice(0, 4), slice(4, 8), slice(8, 12))):
+        part = {k: (v[:, cs] if k in ("u", "delta", "z") else v[cs] if k in ("A", "D", "delta_bias")
+                    else v[:, g]) for k, v in inputs.items()}
+        out_g, last_g = selective_scan_ref(**part, delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(out[:, cs], out_g, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(last[:, cs], last_g, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2),
+                                          ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, forward_kernel):
+    """B, C (batch, G, d_state, L): outputs, all gradients, last state and the initial state's
+    gradient equal the reference's, across block boundaries and a partial last block."""
+    inputs = grouped_inputs(*shape, groups=groups, dtype=dtype)
+    h0 = torch.randn(shape[0], shape[1], shape[2], dtype=dtype)
+    grad_out = torch.randn(shape[0], shape[1], shape[3], dtype=dtype)
+    results = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        h0_leaf = h0.clone().requires_grad_(True)
+        run = run_scan(fn, inputs, grad_out, ARG_NAMES, True, initial_state=h0_leaf)
+        run["dh0"] = h0_leaf.grad
+        results.append(run)
+    ref, fast = results
+    assert set(fast) == set(ref) and fast["dB"].shape == inputs["B"].shape
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name in ref:
+        assert fast[name].dtype == dtype
+        assert rel_err(fast[name], ref[name]) < tol, name
+
+
+def test_grouped_b_must_divide_channels():
+    inputs = grouped_inputs(1, 8, 4, 5, groups=3)
+    with pytest.raises(ValueError, match="divides d_inner"):
+        selective_scan_torch(**inputs)
+
+
+def test_compiled_kernel_is_used_when_available(forward_kernel, monkeypatch):
+    """With numba the forward calls the compiled kernel once per time block, and not otherwise."""
+    from modules.mamba import scan_cpu
+
+    calls = []
+    kernel = scan_cpu.scan_block
+    monkeypatch.setattr(scan_cpu, "scan_block", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(ss, "BLOCK_FLOATS", 300)
+    inputs = make_inputs(2, 8, 4, 37, torch.float32)
+    selective_scan_torch(**inputs, delta_softplus=True)
+    blocks = -(-37 // ss._block_steps(2, 4, 8, 37))
+    assert len(calls) == (blocks if forward_kernel == "compiled" else 0)
+
+
+def test_scan_after_inference_mode_scan():
+    """The scratch buffers a scan keeps from inside torch.inference_mode() (the transcriber) are
+    not reused outside it, where inference tensors cannot be written."""
+    inputs = make_inputs(2, 8, 4, 9, torch.float32)
+    with torch.inference_mode():
+        inside = selective_scan_torch(**inputs, delta_softplus=True)
+    outside = selective_scan_torch(**inputs, delta_softplus=True)
+    with torch.inference_mode():
+        again = selective_scan_torch(**inputs, delta_softplus=True)
+    assert torch.equal(inside, outside) and torch.equal(outside, again)
+
+
+@pytest.mark.parametrize("min_work,expected", [(10 ** 9, False), (0, True)])
+def test_compiled_kernels_load_on_a_large_scan(min_work, expected, monkeypatch):
+    """MAMBA_SCAN_NUMBA unset: a scan below MIN_WORK state updates does not load the kernels
+    (a second per process) unless they are loaded already; one above it does."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    u = torch.zeros(2, 8, 37)
+    monkeypatch.setattr(scan_cpu, "MIN_WORK", min_work)
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {})
+    assert scan_cpu.usable_for(u, 4) is expected
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {"scan": None})  # loaded by an earlier scan
+    assert scan_cpu.usable_for(u, 4)
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
+    assert not scan_cpu.usable_for(u, 4)

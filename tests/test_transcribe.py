@@ -21,8 +21,10 @@ import torchaudio
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
 import transcribe
-from inference.transcriber import Transcriber, TranscriberError, chunk_bounds, merge_words
-from recipes.untrained import export_untrained
+from inference.transcriber import (ATTENTION_CHUNK_SECONDS, MAMBA_CHUNK_SECONDS, Transcriber,
+                                   TranscriberError, chunk_bounds, default_chunk_seconds,
+                                   merge_words)
+from recipes.untrained import export_untrained, speech_like
 
 SR = 16000
 
@@ -161,6 +163,73 @@ def test_long_audio_is_chunked_with_bounded_batches(ctc, ctc_dir, audio_files, t
     seen.clear()
     assert asr.transcribe_waveform(short, SR) == ctc.transcribe_waveform(short, SR)
     assert asr.last_chunks == [[(0, 3 * SR - 1)]] and seen == [[3 * SR - 1]]
+
+
+def test_chunk_length_by_encoder_type(ctc, ctc_dir, s2s_dir):
+    assert MAMBA_CHUNK_SECONDS >= 120 and ATTENTION_CHUNK_SECONDS == 30
+    assert default_chunk_seconds("conmamba", "CTC") == MAMBA_CHUNK_SECONDS
+    assert default_chunk_seconds("mamba", "CTC") == MAMBA_CHUNK_SECONDS
+    for encoder in ("conformer", "transformer", "branchformer", None):
+        assert default_chunk_seconds(encoder, "CTC") == ATTENTION_CHUNK_SECONDS
+    assert default_chunk_seconds("conmamba", "S2S") == ATTENTION_CHUNK_SECONDS
+    # read from the exported folders: the tiny recipes have ConMamba encoders
+    assert ctc.chunk_seconds == MAMBA_CHUNK_SECONDS
+    assert Transcriber.from_folder(s2s_dir, device="cpu").chunk_seconds == ATTENTION_CHUNK_SECONDS
+    assert Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=20).chunk_seconds == 20
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "transcribe.py"), "-h"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert "--chunk-seconds" in proc.stdout and proc.returncode == 0
+
+
+def test_batches_stop_at_batch_seconds(ctc):
+    """Long chunks are not batched into one huge input: a batch holds at most batch_size
+    segments and BATCH_SECONDS of audio (but always one segment)."""
+    asr = Transcriber(ctc.asr, "CTC", batch_size=4)
+    asr.BATCH_SECONDS = 9.0
+    seen = []
+    asr._decode = lambda batch: seen.append([len(p) for p in batch]) or [""] * len(batch)
+    asr.transcribe_waveforms([torch.zeros(4 * SR), torch.zeros(4 * SR), torch.zeros(10 * SR)])
+    assert seen == [[10 * SR], [4 * SR, 4 * SR]]
+
+
+def _local_context_model(folder, dest):
+    """A copy of an exported tiny ConMamba CTC model whose output at a frame depends on nearby
+    audio only, with clear argmax margins: Mamba states forget within a frame (dt = softplus(5),
+    A = -e^2), the CTC layer is scaled up and restricted to blank, space and 8 letters (space
+    favoured so that the transcript has many distinct words to align chunks on)."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    path = os.path.join(dest, "model.ckpt")
+    state = torch.load(path)
+    for key, value in state.items():
+        if key.endswith((".A_log", ".A_b_log")):
+            value.fill_(2.0)
+        elif key.endswith(("dt_proj.bias", "dt_proj_b.bias")):
+            value.fill_(5.0)
+        elif key.endswith(("dt_proj.weight", "dt_proj_b.weight")):
+            value.zero_()
+    keep = torch.zeros(state["2.w.bias"].shape[0], dtype=torch.bool)
+    keep[[0, 3, 4, 5, 6, 7, 8, 9, 10, 11]] = True  # blank, "▁", E T O A I N S R
+    state["2.w.weight"].mul_(50).masked_fill_(~keep[:, None], 0.0)
+    state["2.w.bias"].zero_().masked_fill_(~keep, -1e4)[3] = 30.0
+    torch.save(state, path)
+    return str(dest)
+
+
+def test_long_mamba_audio_in_one_piece_equals_chunked_path(ctc_dir, tmp_path):
+    """By default a Mamba CTC model decodes a minute of audio in one piece; on a clean case
+    (a model with local context; audio whose loudest frame is in every chunk, since the
+    features' top_db floor is relative to it) the chunked path gives the same text."""
+    model = _local_context_model(ctc_dir, tmp_path / "local")
+    wav = torch.from_numpy(speech_like(12.0)).repeat(5)  # 60 s
+    whole = Transcriber.from_folder(model, device="cpu")
+    text = whole.transcribe_waveform(wav, SR)
+    assert whole.last_chunks == [[(0, len(wav))]]
+    chunked = Transcriber.from_folder(model, device="cpu", chunk_seconds=20, overlap_seconds=4)
+    assert chunked.transcribe_waveform(wav, SR) == text
+    assert len(chunked.last_chunks[0]) == 4
+    assert len(set(text.split())) > 10 and len(text.split()) > 40
 
 
 def test_ctc_beam_search(ctc_dir, audio_files):

@@ -145,11 +145,12 @@ class Mamba(nn.Module):
 
     # ---- shared pieces -------------------------------------------------------------------------
 
-    def _causal_conv(self, x, conv, cache=None, lengths=None):
-        """Depthwise causal conv + SiLU in (B, L, d_inner) layout (the scan reads this layout
-        fastest), as shifted multiply-adds. With a cache the left context comes from
-        cache.conv_state, which is then set to the inputs ending at each sequence's last valid
-        frame.
+    def _causal_conv(self, x, weight, bias, cache=None, lengths=None):
+        """Depthwise causal conv + SiLU in (B, L, c) layout (the scan reads this layout fastest),
+        as shifted multiply-adds: weight (c, d_conv), bias (c,) or None; c is d_inner, or
+        2 * d_inner for both BiMamba directions side by side. With a cache the left context comes
+        from cache.conv_state, which is then set to the inputs ending at each sequence's last
+        valid frame.
         """
         k = self.d_conv
         length = x.shape[1]
@@ -164,15 +165,15 @@ class Mamba(nn.Module):
             # the cache carries state, not gradients
             cache.conv_state.copy_(past.detach().gather(1, index).transpose(1, 2))
             history = past[:, 1:]
-        weight = conv.weight[:, 0, :]  # (d, k); out_t = sum_j weight[:, j] * x_{t-k+1+j}
+        # out_t = sum_j weight[:, j] * x_{t-k+1+j}
         y = history[:, :length] * weight[:, 0]
         for j in range(1, k):
             y = y.addcmul_(history[:, j:j + length], weight[:, j])
-        if conv.bias is not None:
-            y = y.add_(conv.bias)
+        if bias is not None:
+            y = y.add_(bias)
         # in x's dtype: under autocast the float32 weight would otherwise make the scan's u float32
         # while delta, B, C, z are bf16/fp16 (mamba-ssm's kernel wants one dtype for all)
-        return F.silu(y).to(x.dtype)
+        return F.silu(y, inplace=True).to(x.dtype)
 
     def _ssm(self, xz, direction, lengths=None, cache=None):
         """One direction of the mixer before out_proj.
@@ -183,7 +184,7 @@ class Mamba(nn.Module):
         """
         conv, x_proj, dt_proj, A_log, D = direction
         x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
-        x = self._causal_conv(x, conv, cache, lengths)
+        x = self._causal_conv(x, conv.weight[:, 0, :], conv.bias, cache, lengths)
         dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ dt_proj.weight.t()  # (B, L, d_inner); the bias is added in the scan
         ct = state_dtype(x.dtype)
@@ -325,21 +326,57 @@ class BiMamba(Mamba):
             raise NotImplementedError(
                 "BiMamba looks at the whole sequence; it has no recurrent mode")
         self._check_input(x)
-        forward_dir, backward_dir = self._directions()
         if pad_mask is None:
-            xz = self.in_proj(x)
-            y_f = self._ssm(xz, forward_dir)
-            y_b = self._ssm(xz.flip(1), backward_dir).flip(1)
+            reverse = (lambda t: t.flip(1))  # noqa: E731
         else:
             if lengths is None:
                 lengths = _lengths(pad_mask, x)
+            reverse = (lambda t: _reverse_valid(t, lengths))  # noqa: E731
             # keeps non-finite junk in the padding out of the gradients
-            xz = self.in_proj(x.masked_fill(pad_mask[:, :, None], 0.0))
-            y_f = self._ssm(xz, forward_dir, lengths)
-            y_b = self._ssm(_reverse_valid(xz, lengths), backward_dir, lengths)
-            y_b = _reverse_valid(y_b, lengths)
-        y = 0.5 * y_f + 0.5 * y_b if self.merge == "mean" else y_f + y_b
+            x = x.masked_fill(pad_mask[:, :, None], 0.0)
+        y_f, y_b = self._both_directions(self.in_proj(x), reverse)
+        y_b = reverse(y_b)
+        if self.merge == "mean":
+            y = y_f.add(y_b).mul_(0.5)
+        else:
+            y = y_f + y_b
         return self._output(y, pad_mask)
+
+    def _both_directions(self, xz, reverse):
+        """Both directions' mixer outputs before out_proj, computed as ONE scan.
+
+        xz: (B, L, 2 * d_inner) output of in_proj; reverse(t) reverses (B, L, c) tensors in time
+        within each sequence's valid length. Returns y_f, y_b (B, L, d_inner), y_b in reversed
+        time. The directions sit side by side as 2 * d_inner channels (conv, scan, gate), B and
+        C as two groups, so the scan's per-call, per-block and per-step overheads are paid once
+        (at batch 1 they are a large part of a scan). Each direction's conv sees its own
+        sequence (padding is on the right in both orders), so this equals two scans.
+        """
+        d, n = self.d_inner, self.d_state
+        forward_dir, backward_dir = self._directions()
+        xz_b = reverse(xz)
+        x = torch.cat([xz[..., :d], xz_b[..., :d]], dim=-1)  # (B, L, 2d)
+        z = torch.cat([xz[..., d:], xz_b[..., d:]], dim=-1)
+        convs = [direction[0] for direction in (forward_dir, backward_dir)]
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        x = self._causal_conv(x, torch.cat([c.weight[:, 0, :] for c in convs]), bias)
+        ct = state_dtype(x.dtype)
+        deltas, Bs, Cs = [], [], []
+        for (_, x_proj, dt_proj, _, _), x_dir in zip((forward_dir, backward_dir), x.split(d, -1)):
+            dt, B, C = x_proj(x_dir).split([self.dt_rank, n, n], dim=-1)
+            deltas.append(dt @ dt_proj.weight.t())  # (B, L, d); the bias is added in the scan
+            Bs.append(B)
+            Cs.append(C)
+        delta = torch.cat(deltas, dim=-1)
+        A = -torch.exp(torch.cat([forward_dir[3], backward_dir[3]]).to(ct))  # (2d, n)
+        D = torch.cat([forward_dir[4], backward_dir[4]]).to(ct)
+        delta_bias = torch.cat([forward_dir[2].bias, backward_dir[2].bias]).to(ct)
+        # The scan takes (B, c, L) tensors (transposed views, no copies) and B, C as (B, 2, n, L).
+        B, C = (torch.stack(t, dim=2).permute(0, 2, 3, 1) for t in (Bs, Cs))
+        u, delta, z = (t.transpose(1, 2) for t in (x, delta, z))
+        y = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+        y = y.transpose(1, 2)
+        return y[..., :d], y[..., d:]
 
     def allocate_inference_cache(self, *args, **kwargs):
         raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")

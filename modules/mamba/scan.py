@@ -3,8 +3,13 @@
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (batch, d_inner, d_state)
     y_t = C_t . h_t + D * u_t;   out_t = y_t * silu(z_t)
 
+B and C are (batch, d_state, L), or (batch, G, d_state, L) as in mamba-ssm: then channel group g
+(channels g * d_inner / G ... (g + 1) * d_inner / G - 1) reads B[:, g] and C[:, g] (BiMamba runs
+both directions as one scan of 2 * d_inner channels in 2 groups).
+
 - ``selective_scan_ref``: plain sequential loop, autograd through it (tests, benchmarks).
-- ``selective_scan_torch``: fast pure-PyTorch scan with a hand-written backward (CPU, MPS).
+- ``selective_scan_torch``: fast pure-PyTorch scan with a hand-written backward (CPU, MPS); on
+  CPU its recurrence runs in a compiled loop when numba is installed (``scan_cpu``).
 - "cuda": mamba-ssm's compiled kernel (``selective_scan_cuda``), when it imports.
 - "triton": ``scan_triton.selective_scan_triton``, needs only the Triton that ships with
   PyTorch's CUDA wheels.
@@ -26,6 +31,8 @@ import sys
 import threading
 
 import torch
+
+from . import scan_cpu
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
 LABELS = {"cuda": "mamba-ssm CUDA kernel", "triton": "Triton scan", "torch": "pure-PyTorch scan",
@@ -53,10 +60,16 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None, lengt
             f"selective_scan: A must be (d_inner={d_inner}, d_state), got shape {tuple(A.shape)}"
         )
     d_state = A.shape[1]
+    groups = B.shape[1] if B.dim() == 4 else None
+    if groups is not None and (groups < 1 or d_inner % groups):
+        raise ValueError(
+            f"selective_scan: B of shape (batch, G, d_state, L) = {tuple(B.shape)} needs a "
+            f"group count G that divides d_inner={d_inner}")
+    bc_shape = (batch, d_state, length) if groups is None else (batch, groups, d_state, length)
     expected = {
         "delta": (delta, (batch, d_inner, length)),
-        "B": (B, (batch, d_state, length)),
-        "C": (C, (batch, d_state, length)),
+        "B": (B, bc_shape),
+        "C": (C, bc_shape),
         "D": (D, (d_inner,)),
         "z": (z, (batch, d_inner, length)),
         "delta_bias": (delta_bias, (d_inner,)),
@@ -89,12 +102,21 @@ def _step_sizes(delta, delta_bias, delta_softplus):
     return torch.nn.functional.softplus(dt) if delta_softplus else dt
 
 
+def _per_channel(x, d_inner):
+    """B or C, (batch, n, L) -> (batch, 1, n, L); grouped (batch, G, n, L) -> each group repeated
+    for its d_inner / G channels, (batch, d_inner, n, L)."""
+    if x.dim() == 3:
+        return x[:, None]
+    return x.repeat_interleave(d_inner // x.shape[1], dim=1)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
     """Sequential reference: one step per frame, autograd through the loop.
 
-    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
-    D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state) or None (zeros).
+    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L) or
+    (batch, G, d_state, L); D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state)
+    or None (zeros).
     Returns out (batch, d_inner, L) [, last_state (batch, d_inner, d_state)].
     The loop uses ``unbind`` rather than ``x[..., t]``: autograd of per-step slicing costs O(L^2).
     """
@@ -106,10 +128,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = (u.new_zeros(u.shape[0], A.shape[0], A.shape[1], dtype=ct) if initial_state is None
          else initial_state.to(ct))
     ys = []
-    steps = zip(dt.unbind(2), uc.unbind(2), B.to(ct).unbind(2), C.to(ct).unbind(2))
+    Bc, Cc = (_per_channel(x.to(ct), A.shape[0]) for x in (B, C))  # (batch, 1 or d, n, L)
+    steps = zip(dt.unbind(2), uc.unbind(2), Bc.unbind(3), Cc.unbind(3))
     for dt_t, u_t, b_t, c_t in steps:
-        h = torch.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-        ys.append((h * c_t[:, None, :]).sum(-1))
+        h = torch.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * b_t
+        ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=2) if ys else uc.new_zeros(uc.shape)
     out = _finish(y, uc, None if D is None else D.to(ct), None if z is None else z.to(ct), u.dtype)
     return (out, h) if return_last_state else out
@@ -139,9 +162,12 @@ def _autocast_off(device_type):
         return contextlib.nullcontext()
 
 
-def _time_major(x):
-    """(batch, c, L) -> new contiguous (L, batch, c) (used for the small B and C)."""
-    return x.permute(2, 0, 1).contiguous()
+def _time_major_groups(x):
+    """B or C, (batch, n, L) or (batch, G, n, L) -> new contiguous (L, batch, G, n) (G = 1 for
+    3-D input)."""
+    if x.dim() == 3:
+        x = x[:, None]
+    return x.permute(3, 0, 1, 2).contiguous()
 
 
 def _empty_like_layout(x):
@@ -243,8 +269,13 @@ class _Blocks:
         # a chunk: whole blocks, ~CHUNK_FLOATS values per (w, batch, d_inner) buffer
         per_chunk = max(1, CHUNK_FLOATS // (T * batch * d_inner))
         self.chunk = W = min(self.length, T * per_chunk)
-        self.A2 = (A * LOG2E).t().contiguous()  # (n, d): exp(dt A) = exp2(dt A log2 e)
-        self.B, self.C = _time_major(B), _time_major(C)
+        self.A2_dn = (A * LOG2E).contiguous()  # exp(dt A) = exp2(dt A log2 e)
+        self.A2 = self.A2_dn.t().contiguous()  # (n, d)
+        self.B, self.C = _time_major_groups(B), _time_major_groups(C)  # (L, b, G, n)
+        G = self.B.shape[2]
+        self.group_size = d_inner // G
+        self.group_slices = [slice(g * self.group_size, (g + 1) * self.group_size)
+                             for g in range(G)]
         wide, big, small = (W, batch, d_inner), (T, batch, d_state, d_inner), (T, batch, d_inner)
         only_backward = (lambda shape: shape if backward else None)  # noqa: E731
         self.scratch = _Scratch(u, {
@@ -281,7 +312,8 @@ class _Blocks:
             self.conv.load(self.z_in, cs, self.z[:w])
 
     def load(self, cs, bs):
-        """Block inputs, time-major: pre (delta + bias), dt, u, dt*u (T, b, d); B, C (T, b, n)."""
+        """Block inputs, time-major: pre (delta + bias), dt, u, dt*u (T, b, d);
+        B, C (T, b, G, n)."""
         T = bs.stop - bs.start
         pre = self.delta[bs]
         if self.delta_bias is not None:
@@ -292,11 +324,91 @@ class _Blocks:
         ts = slice(cs.start + bs.start, cs.start + bs.stop)
         return pre, dt, u_t, dtu, self.B[ts], self.C[ts]
 
+    def outer(self, x, bc, out):
+        """out[t, b, n, c] = x[t, b, c] * bc[t, b, group of c, n]: x (T, b, d), bc (T, b, G, n),
+        out (T, b, n, d)."""
+        T, b, G, n = bc.shape
+        return torch.mul(x.view(T, b, 1, G, self.group_size), bc.transpose(2, 3)[..., None],
+                         out=out.view(T, b, n, G, self.group_size))
+
+    def contract_state(self, bc, M, out):
+        """out[r, 0, c] = sum_n bc[r, group of c, n] * M[r, n, c]: bc (R, G, n), M (R, n, d),
+        out (R, 1, d). With groups, one bmm over all groups and the diagonal blocks kept: bmm on
+        a channel slice of M (strided rows) is ~2x slower than on all of it."""
+        if len(self.group_slices) == 1:
+            return torch.bmm(bc, M, out=out)
+        every = torch.bmm(bc, M)  # (R, G, d): each group's coefficients on every channel
+        for g, cs in enumerate(self.group_slices):
+            out[:, 0, cs] = every[:, g, cs]
+        return out
+
+    def contract_channels(self, x, M, out):
+        """out[r, g, n] = sum over c in group g of x[r, 0, c] * M[r, n, c]: x (R, 1, d),
+        M (R, n, d), out (R, G, n). (1, d) @ (d, n) per row: ~10x faster than (n, d) @ (d, 1)
+        with CPU bmm; groups: x spread over G rows, zero outside each group (see
+        contract_state)."""
+        G = len(self.group_slices)
+        if G > 1:
+            spread = x.new_zeros(x.shape[0], G, x.shape[2])
+            for g, cs in enumerate(self.group_slices):
+                spread[:, g, cs] = x[:, 0, cs]
+            x = spread
+        return torch.bmm(x, M.transpose(1, 2), out=out)
+
+    def _decays_dn(self, T, dt):
+        """exp(dt A) (T, b, d, n) for the compiled kernels, in the dA buffer."""
+        b, d = dt.shape[1:]
+        dA = self.dA[:T].view(T, b, d, -1)
+        return torch.mul(dt[:, :, :, None], self.A2_dn, out=dA).exp2_()
+
+    def compiled_block(self, T, dt, dtu, B_t, C_t, state, out):
+        """The compiled forward of one block (scan_cpu): state (b, d, n) is advanced in place
+        and out (T, b, d) <- C . h."""
+        dA = self._decays_dn(T, dt)
+        return scan_cpu.scan_block(dA, dtu, B_t, C_t, state, out, self.group_size)
+
+    def compiled_states(self, T, dt, dtu, B_t, C_t, entry, out):
+        """Decays dA and states H, both (T, b, d, n), of one block from its entry state
+        (b, d, n), compiled; out (T, b, d) <- C . h."""
+        dA = self._decays_dn(T, dt)
+        H = self.H[:T].view(dA.shape)
+        scan_cpu.states_block(dA, dtu, B_t, C_t, entry, H, out, self.group_size)
+        return dA, H
+
+    def adjoint(self, dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_nd, dA_nd, dB, dC):
+        """Pure-PyTorch backward through one block: dA, H (T, b, n, d) from states(); entry
+        (b, n, d); carry (b, n, d) = exp(dt A) * dL/dh of the frame after the block, updated
+        to that of the block's first frame; adds to dA_nd (n, d); writes dB, dC (T, b, G, n).
+        Returns ddtu = dL/d(dt u) and ddt = sum_n dL/d(dt A) * A, both (T, b, d)."""
+        T, batch, d_state, d_inner = H.shape
+        TB, n_groups = T * batch, len(self.group_slices)
+        # adjoint g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
+        G = self.G[:T]
+        self.outer(dy, C_t, G)
+        G[T - 1].add_(carry)
+        for i in range(T - 2, -1, -1):
+            G[i].addcmul_(dA[i + 1], G[i + 1])
+        torch.mul(dA[0], G[0], out=carry)
+        G_rows = G.view(TB, d_state, d_inner)
+        self.contract_channels(dy.view(TB, 1, d_inner), H.view(TB, d_state, d_inner),
+                               dC.view(TB, n_groups, d_state))
+        self.contract_channels(dtu.view(TB, 1, d_inner), G_rows, dB.view(TB, n_groups, d_state))
+        ddtu = dy.new_empty(T, batch, d_inner)
+        self.contract_state(B_t.view(TB, n_groups, d_state), G_rows, ddtu.view(TB, 1, d_inner))
+        # q_t = g_t * h_{t-1} * exp(dt_t A) = dL/d(dt_t A)
+        G[1:].mul_(H[:-1])
+        G[0].mul_(entry)
+        G.mul_(dA)
+        ddt = torch.mul(G, A_nd, out=dA).sum(2)  # (T, b, d)
+        G.mul_(dt[:, :, None, :])
+        dA_nd += G.view(TB, d_state * d_inner).sum(0).view(d_state, d_inner)
+        return ddtu, ddt
+
     def states(self, T, dt, dtu, B_t, entry):
         """dA = exp(dt A) and states H, both (T, b, n, d), from the state entering the block."""
         dA, H = self.dA[:T], self.H[:T]
         torch.mul(dt[:, :, None, :], self.A2, out=dA).exp2_()  # exp2 is faster than exp on CPU
-        torch.mul(dtu[:, :, None, :], B_t[:, :, :, None], out=H)
+        self.outer(dtu, B_t, H)
         prev = entry
         for dA_t, h_t in zip(dA.unbind(0), H.unbind(0)):
             prev = h_t.addcmul_(dA_t, prev)
@@ -305,7 +417,7 @@ class _Blocks:
     def readout(self, H, C_t, u_t, out):
         """y = C . h + D u (T, b, d), before the z gate, written to out."""
         T, b, n, d = H.shape
-        torch.bmm(C_t.reshape(T * b, 1, n), H.view(T * b, n, d), out=out.view(T * b, 1, d))
+        self.contract_state(C_t.view(T * b, -1, n), H.view(T * b, n, d), out.view(T * b, 1, d))
         if self.D is not None:
             out.addcmul_(u_t, self.D)
         return out
@@ -332,19 +444,29 @@ class _SelectiveScanFn(torch.autograd.Function):
                 entries[0].copy_(h0.transpose(1, 2))
             out = _empty_like_layout(u)
             y_c = blk.delta  # a block's delta is no longer needed once its states are computed
+            # compiled: the running state in (b, d, n) order, copied out at block boundaries
+            compiled = scan_cpu.usable_for(u, A.shape[1])
+            state = entries[0].transpose(1, 2).contiguous() if compiled else None
             for cs, blocks in blk.chunks():
                 blk.load_chunk(cs)
                 for k, bs in blocks:
                     pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
                     T = dt.shape[0]
-                    _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
-                    if k + 1 < blk.n_blocks:
-                        entries[slot(k + 1)].copy_(H[T - 1])
-                    y = blk.readout(H, C_t, u_t, y_c[bs])
+                    if state is not None:
+                        y = blk.compiled_block(T, dt, dtu, B_t, C_t, state, y_c[bs])
+                        if D is not None:
+                            y.addcmul_(u_t, D)
+                        if k + 1 < blk.n_blocks:
+                            entries[slot(k + 1)].copy_(state.transpose(1, 2))
+                    else:
+                        _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
+                        if k + 1 < blk.n_blocks:
+                            entries[slot(k + 1)].copy_(H[T - 1])
+                        y = blk.readout(H, C_t, u_t, y_c[bs])
                     if z is not None:
                         y.mul_(torch.nn.functional.silu(blk.z[bs]))
                 blk.conv.store(y_c[: cs.stop - cs.start], out, cs)
-            last = H[T - 1].transpose(1, 2).clone()  # (b, d, n)
+            last = state.clone() if state is not None else H[T - 1].transpose(1, 2).clone()
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entries)
@@ -363,59 +485,50 @@ class _SelectiveScanFn(torch.autograd.Function):
                      backward=True) as blk:
             batch, d_inner, length = u.shape
             d_state = A.shape[1]
-            A_nd = A.t().contiguous()
+            compiled = scan_cpu.usable_for(u, d_state)
             dout_c = blk.dout
             # time-major gradients overwrite a block's chunk inputs after their last use
             du_c, ddelta_c, dz_c = blk.u, blk.delta, blk.z
             du, ddelta = _empty_like_layout(u), _empty_like_layout(delta)
             dz = None if z is None else _empty_like_layout(z)
-            dB, dC = (u.new_empty(length, batch, d_state) for _ in range(2))
+            n_groups = len(blk.group_slices)
+            dB, dC = (u.new_empty(length, batch, n_groups, d_state) for _ in range(2))
             dD = None if D is None else D.new_zeros(d_inner)
             ddelta_bias = None if delta_bias is None else delta_bias.new_zeros(d_inner)
-            dA_nd = A.new_zeros(d_state, d_inner)
-            # exp(dt_{t0} A) * dL/dh_{t0} of the later block, handed to the block before it
-            carry = u.new_zeros(batch, d_state, d_inner)
+            # dL/dA, and exp(dt_{t0} A) * dL/dh_{t0} of the later block, handed to the block
+            # before it: (d, n) and (b, d, n) compiled, (n, d) and (b, n, d) in PyTorch
+            A_k = A.contiguous() if compiled else A.t().contiguous()
+            dA_k = torch.zeros_like(A_k)
+            carry = u.new_zeros(batch, *A_k.shape)
             for cs, blocks in blk.chunks(reverse=True):
                 blk.load_chunk(cs)
                 blk.conv.load(dout, cs, dout_c[: cs.stop - cs.start])
                 for k, bs in blocks:
                     pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
                     T = dt.shape[0]
-                    TB = T * batch
                     ts = slice(cs.start + bs.start, cs.start + bs.stop)
-                    dA, H = blk.states(T, dt, dtu, B_t, entries[k])
+                    entry = entries[k].transpose(1, 2).contiguous() if compiled else entries[k]
                     dy = dout_c[bs]
+                    if compiled:
+                        dA, H = blk.compiled_states(T, dt, dtu, B_t, C_t, entry, blk.y[:T])
+                        y = blk.y[:T] if D is None else blk.y[:T].addcmul_(u_t, D)
+                    else:
+                        dA, H = blk.states(T, dt, dtu, B_t, entry)
+                        y = blk.readout(H, C_t, u_t, blk.y[:T]) if z is not None else None
                     if z is not None:
                         z_t = blk.z[bs]
-                        y = blk.readout(H, C_t, u_t, blk.y[:T]).mul_(dy)
-                        dz_t = torch.ops.aten.silu_backward(y, z_t)  # y dy silu'(z)
+                        dz_t = torch.ops.aten.silu_backward(y.mul_(dy), z_t)  # y dy silu'(z)
                         dy.mul_(torch.nn.functional.silu(z_t))
                         dz_c[bs].copy_(dz_t)
                     if D is not None:
                         dD += (dy * u_t).sum((0, 1))
-                    # adjoint g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
-                    G = blk.G[:T]
-                    torch.mul(C_t[:, :, :, None], dy[:, :, None, :], out=G)
-                    G[T - 1].add_(carry)
-                    for i in range(T - 2, -1, -1):
-                        G[i].addcmul_(dA[i + 1], G[i + 1])
-                    torch.mul(dA[0], G[0], out=carry)
-                    # (1, d) @ (d, n) per row: ~10x faster than (n, d) @ (d, 1) with CPU bmm
-                    torch.bmm(dy.reshape(TB, 1, d_inner),
-                              H.view(TB, d_state, d_inner).transpose(1, 2),
-                              out=dC[ts].view(TB, 1, d_state))
-                    torch.bmm(dtu.view(TB, 1, d_inner),
-                              G.view(TB, d_state, d_inner).transpose(1, 2),
-                              out=dB[ts].view(TB, 1, d_state))
-                    ddtu = torch.bmm(B_t.reshape(TB, 1, d_state), G.view(TB, d_state, d_inner))
-                    ddtu = ddtu.view(T, batch, d_inner)
-                    # q_t = g_t * h_{t-1} * exp(dt_t A) = dL/d(dt_t A)
-                    G[1:].mul_(H[:-1])
-                    G[0].mul_(entries[k])
-                    G.mul_(dA)
-                    ddt = torch.mul(G, A_nd, out=dA).sum(2)  # (T, b, d)
-                    G.mul_(dt[:, :, None, :])
-                    dA_nd += G.view(TB, d_state * d_inner).sum(0).view(d_state, d_inner)
+                    if compiled:
+                        ddtu, ddt = (u.new_empty(T, batch, d_inner) for _ in range(2))
+                        scan_cpu.adjoint_block(dA, dtu, B_t, C_t, entry, H, dy, carry, A_k, dt,
+                                               dB[ts], dC[ts], ddtu, ddt, dA_k, blk.group_size)
+                    else:
+                        ddtu, ddt = blk.adjoint(dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_k,
+                                                dA_k, dB[ts], dC[ts])
                     ddt.addcmul_(ddtu, u_t)
                     du_t = ddtu.mul_(dt)
                     if D is not None:
@@ -430,9 +543,11 @@ class _SelectiveScanFn(torch.autograd.Function):
                 for g_c, g in ((du_c, du), (ddelta_c, ddelta), (dz_c, dz)):
                     if g is not None:
                         blk.conv.store(g_c[:w], g, cs)
-        dh0 = carry.transpose(1, 2) if ctx.has_h0 else None
-        dB, dC = (g.permute(1, 2, 0).contiguous() for g in (dB, dC))
-        return du, ddelta, dA_nd.t(), dB, dC, dD, dz, ddelta_bias, dh0, None
+        dh0 = (carry if compiled else carry.transpose(1, 2)) if ctx.has_h0 else None
+        dB, dC = (g.permute(1, 2, 3, 0).contiguous() for g in (dB, dC))  # (b, G, n, L)
+        if B.dim() == 3:
+            dB, dC = dB[:, 0], dC[:, 0]
+        return du, ddelta, dA_k if compiled else dA_k.t(), dB, dC, dD, dz, ddelta_bias, dh0, None
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -625,10 +740,30 @@ def _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_
               delta_softplus, return_last_state)
 
 
+def _by_group(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+              initial_state, lengths):
+    """Calls a scan that takes ungrouped B, C once per channel group of grouped (batch, G,
+    d_state, L) B, C (the channels of group g are the g-th of G equal slices of d_inner)."""
+    if B.dim() == 3:
+        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                    initial_state, lengths)
+    groups = B.shape[1]
+    split = (lambda t: [None] * groups if t is None else t.chunk(groups, dim=1))  # noqa: E731
+    by_channel = [split(t) for t in (u, delta, z, initial_state)]
+    params = [[None] * groups if t is None else t.chunk(groups, dim=0) for t in (A, D, delta_bias)]
+    results = [scan(u_g, dt_g, params[0][g], B[:, g], C[:, g], params[1][g], z_g, params[2][g],
+                    delta_softplus, return_last_state, h0_g, lengths)
+               for g, (u_g, dt_g, z_g, h0_g) in enumerate(zip(*by_channel))]
+    if not return_last_state:
+        return torch.cat(results, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*results))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend=None, initial_state=None, lengths=None):
     """mamba-ssm's ``selective_scan_fn``: u, delta, z (batch, d_inner, L); A (d_inner, d_state);
-    B, C (batch, d_state, L); D, delta_bias (d_inner,). Also initial_state (batch, d_inner,
+    B, C (batch, d_state, L), or (batch, G, d_state, L) shared by G equal groups of channels (as
+    mamba-ssm's); D, delta_bias (d_inner,). Also initial_state (batch, d_inner,
     d_state) to continue a sequence, and lengths (batch,): frames at or past a sequence's length
     leave its state unchanged and give zero outputs.
 
@@ -644,8 +779,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                return_last_state)
     if choice == "triton":
-        return _triton_scan()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 return_last_state, initial_state, lengths)
+        return _by_group(_triton_scan()[0], u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                         return_last_state, initial_state, lengths)
     scan = selective_scan_ref if choice == "ref" else selective_scan_torch
     if lengths is None:
         return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,

@@ -278,7 +278,7 @@ class _TritonScanFn(torch.autograd.Function):
             g = torch.empty_like(layout, dtype=dtype)
             return g.zero_() if lengths is not None else g
 
-        if dout.stride() != delta.stride():
+        if dout.stride() != layout.stride():  # the kernel writes du, ddelta, dz with dout's strides
             dout = new(dout.dtype).copy_(dout)
         du, ddelta = new(u.dtype), new(delta.dtype)
         dz = None if z is None else new(z.dtype)
