@@ -122,51 +122,50 @@ def test_backend_triton_through_selective_scan(monkeypatch, caplog):
     assert rel_err(out, ref) < 1e-5
 
 
-def test_mamba_block_on_triton_matches_torch(monkeypatch):
-    """A padded batch through a Mamba block, with and without a streaming cache, forward and
-    backward: the Triton backend gives the torch backend's results."""
-    torch.manual_seed(0)
-    block = Mamba(d_model=6, d_state=3)
-    x = torch.randn(2, 9, 6)
-    pad_mask = torch.arange(9)[None, :] >= torch.tensor([9, 5])[:, None]
+def _on_both_backends(block, x, pad_mask, monkeypatch, stream):
+    """{backend: (out, streamed out or None, cache or None, parameter grads)} of a padded batch
+    through block, forward and backward, on the torch and Triton backends."""
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("MAMBA_SCAN_BACKEND", backend)
         block.zero_grad()
         out = block(x, pad_mask=pad_mask)
         out.pow(2).sum().backward()
-        cache = block.allocate_inference_cache(2)
-        streamed = block(x, pad_mask=pad_mask, cache=cache)
-        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-        results[backend] = (out, streamed, cache, grads)
+        cache = block.allocate_inference_cache(x.shape[0]) if stream else None
+        streamed = block(x, pad_mask=pad_mask, cache=cache) if stream else None
+        results[backend] = (out, streamed, cache, {n: p.grad.clone()
+                                                   for n, p in block.named_parameters()})
+    return results
+
+
+def _assert_same(results):
     (out_t, str_t, cache_t, g_t), (out_x, str_x, cache_x, g_x) = results["torch"], results["triton"]
-    assert isinstance(cache_x, MambaCache)
     torch.testing.assert_close(out_x, out_t, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(str_x, str_t, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cache_x.ssm_state, cache_t.ssm_state, rtol=1e-4, atol=1e-5)
+    if cache_t is not None:
+        assert isinstance(cache_x, MambaCache)
+        torch.testing.assert_close(str_x, str_t, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache_x.ssm_state, cache_t.ssm_state, rtol=1e-4, atol=1e-5)
     for name in g_t:
         torch.testing.assert_close(g_x[name], g_t[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+PADDED = (torch.arange(9)[None, :] >= torch.tensor([9, 5])[:, None])
+
+
+def test_mamba_block_on_triton_matches_torch(monkeypatch):
+    """A padded batch through a Mamba block, with and without a streaming cache, forward and
+    backward: the Triton backend gives the torch backend's results."""
+    torch.manual_seed(0)
+    block, x = Mamba(d_model=6, d_state=3), torch.randn(2, 9, 6)
+    _assert_same(_on_both_backends(block, x, PADDED, monkeypatch, stream=True))
+
+
 def test_bimamba_grouped_scan_on_triton_matches_torch(monkeypatch):
     """BiMamba scans both directions at once with grouped B, C (batch, 2, d_state, L); the
-    Triton backend runs it one group at a time: outputs and every gradient equal the torch
-    backend's, on a padded batch."""
+    Triton backend runs it one group at a time (strided views of the grouped tensors): outputs
+    and every gradient equal the torch backend's, on a padded batch."""
     from modules.mamba import BiMamba
 
     torch.manual_seed(0)
-    block = BiMamba(d_model=6, d_state=3)
-    x = torch.randn(2, 9, 6)
-    pad_mask = torch.arange(9)[None, :] >= torch.tensor([9, 5])[:, None]
-    results = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("MAMBA_SCAN_BACKEND", backend)
-        block.zero_grad()
-        out = block(x, pad_mask=pad_mask)
-        out.pow(2).sum().backward()
-        results[backend] = (out, {n: p.grad.clone() for n, p in block.named_parameters()})
-    (out_t, g_t), (out_x, g_x) = results["torch"], results["triton"]
-    torch.testing.assert_close(out_x, out_t, rtol=1e-4, atol=1e-5)
-    for name in g_t:
-        torch.testing.assert_close(g_x[name], g_x[name].new_tensor(g_t[name]), rtol=1e-4,
-                                   atol=1e-5, msg=name)
+    block, x = BiMamba(d_model=6, d_state=3), torch.randn(2, 9, 6)
+    _assert_same(_on_both_backends(block, x, PADDED, monkeypatch, stream=False))
