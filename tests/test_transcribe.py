@@ -24,7 +24,9 @@ import transcribe
 from inference.transcriber import (ATTENTION_CHUNK_SECONDS, MAMBA_CHUNK_SECONDS, Transcriber,
                                    TranscriberError, chunk_bounds, default_chunk_seconds,
                                    merge_words)
-from recipes.untrained import export_untrained, speech_like
+from recipes.audio import load_audio
+from recipes.manifest import read_rows
+from recipes.untrained import export_untrained
 
 SR = 16000
 
@@ -222,7 +224,10 @@ def test_long_mamba_audio_in_one_piece_equals_chunked_path(ctc_dir, tmp_path):
     (a model with local context; audio whose loudest frame is in every chunk, since the
     features' top_db floor is relative to it) the chunked path gives the same text."""
     model = _local_context_model(ctc_dir, tmp_path / "local")
-    wav = torch.from_numpy(speech_like(12.0)).repeat(5)  # 60 s
+    rows = [r for r in read_rows(os.path.join(CORPUS, "test.csv"))
+            if r["spk_id"].startswith("espeak:")][:8]  # varied enough for many distinct words
+    period = torch.cat([load_audio(os.path.join(CORPUS, r["wav"]), SR) for r in rows])[: 12 * SR]
+    wav = period.repeat(5)  # 60 s; every 20 s chunk holds a whole period, so its loudest frame
     whole = Transcriber.from_folder(model, device="cpu")
     text = whole.transcribe_waveform(wav, SR)
     assert whole.last_chunks == [[(0, len(wav))]]
