@@ -180,37 +180,37 @@ def oov_rate(rows, train_rows):
     return 100 * sum(w not in vocab for w in words) / max(1, len(words))
 
 
-def error_rates(asr, rows, corpus):
-    """(WER, CER) in % of a Transcriber on CSV rows (wav paths relative to corpus)."""
+def recipe_error_rates(ids, hyps, rows):
+    """(WER, CER) in % of transcripts against CSV rows, as train_CTC.py computes them for its
+    test sets (CER over the characters of the words, spaces not counted)."""
     from speechbrain.utils.metric_stats import ErrorRateStats
 
-    hyps = asr.transcribe_files([os.path.join(corpus, r["wav"]) for r in rows])
-    ids = [r["ID"] for r in rows]
     wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
-    wer.append(ids, [h.split() for h in hyps], [r["wrd"].split() for r in rows])
-    cer.append(ids, [list(h) for h in hyps], [list(r["wrd"]) for r in rows])
+    for stats in (wer, cer):
+        stats.append(ids, [h.split() for h in hyps], [r["wrd"].split() for r in rows])
     return wer.summarize("error_rate"), cer.summarize("error_rate")
 
 
+def error_rates(asr, rows, corpus):
+    """(WER, CER) in % of a Transcriber on CSV rows (wav paths relative to corpus)."""
+    hyps = asr.transcribe_files([os.path.join(corpus, r["wav"]) for r in rows])
+    return recipe_error_rates([r["ID"] for r in rows], hyps, rows)
+
+
 def streaming_error_rates(inference_folder, rows, corpus, device):
-    """(WER, CER) in % of StreamingTranscriber (greedy) fed STREAM_PIECE_SECONDS pieces, as
-    train_CTC.py computes them for its test sets."""
+    """(WER, CER) in % of StreamingTranscriber (greedy) fed STREAM_PIECE_SECONDS pieces."""
     from inference.streaming import StreamingTranscriber
-    from inference.transcriber import read_audio, to_mono
-    from speechbrain.utils.metric_stats import ErrorRateStats
+    from recipes.audio import load_audio
 
     asr = StreamingTranscriber.from_folder(
         inference_folder, device=device,
         savedir=os.path.join(os.path.dirname(inference_folder), "inference_cache"))
     piece = round(STREAM_PIECE_SECONDS * asr.sample_rate)
-    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    hyps = []
     for row in rows:
-        wav = to_mono(*read_audio(os.path.join(corpus, row["wav"])), asr.sample_rate)
-        text = [t for _, t, _, final in asr.transcribe_pieces(wav, piece) if final][0]
-        # the recipe's definitions (test CER of train_CTC.py: characters of the words, no spaces)
-        wer.append([row["ID"]], [text.split()], [row["wrd"].split()])
-        cer.append([row["ID"]], [text.split()], [row["wrd"].split()])
-    return wer.summarize("error_rate"), cer.summarize("error_rate")
+        wav = load_audio(os.path.join(corpus, row["wav"]), asr.sample_rate)
+        hyps += [t for _, t, _, final in asr.transcribe_pieces(wav, piece) if final]
+    return recipe_error_rates([r["ID"] for r in rows], hyps, rows)
 
 
 def load_transcriber(inference_folder, device):

@@ -88,3 +88,12 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 def test_oov_rate_counts_tokens_missing_from_train():
     train = [{"wrd": "A B C"}, {"wrd": "C D"}]
     assert demo.oov_rate([{"wrd": "A E"}, {"wrd": "D D F G"}], train) == pytest.approx(50.0)
+
+
+def test_error_rates_are_the_recipes():
+    """The LM rows use train_CTC.py's definitions (SpeechBrain's ErrorRateStats on word lists;
+    for CER split into characters, the spaces between words counting as characters)."""
+    rows = [{"wrd": "THE CAT"}, {"wrd": "A DOG"}]
+    wer, cer = demo.recipe_error_rates(["a", "b"], ["THECAT", "A DIG"], rows)
+    assert wer == pytest.approx(75.0)  # THECAT: 1 substitution + 1 deletion; DIG: 1 substitution
+    assert cer == pytest.approx(100 * 2 / 12)  # a missing space and a wrong letter in 12
