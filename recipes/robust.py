@@ -24,6 +24,7 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.distributed import is_distributed_initialized
 
 from recipes import RecipeError, faults
+from recipes.audio import AudioError
 from recipes.resume import RandomState, loader_generator
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ class FaultTolerance:
         return loader
 
     def fit(self, *args, **kwargs):
-        from recipes.data import AudioError
-
         try:
             return super().fit(*args, **kwargs)
         except AudioError:
