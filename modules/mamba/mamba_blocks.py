@@ -7,6 +7,7 @@ sequence's true end) and outputs at padded frames are zero.
 """
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

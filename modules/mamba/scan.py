@@ -24,8 +24,8 @@ the same decision as a line for start-up logs: this module is the one place that
 
 import contextlib
 import functools
-import math
 import logging
+import math
 import os
 import sys
 import threading
