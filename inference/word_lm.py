@@ -19,6 +19,7 @@ import collections
 import json
 import math
 import os
+import tempfile
 
 from recipes import RecipeError
 
@@ -180,11 +181,18 @@ def build_word_lm(sentences, tokenizer, folder, order=3):
     return len(words), skipped
 
 
+def token_lm_pieces(tokenizer, words):
+    """The pieces of a sentence as the lexicon-free decoder queries the token LM: word starts
+    between words (the LM also models word boundaries), none before the first word (the
+    decoder starts in the silence state, so a leading word start is never scored)."""
+    pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode(" ".join(words))]
+    return pieces[1:] if pieces[:1] == [WORD_START] else pieces
+
+
 def build_token_lm(sentences, tokenizer, folder, order=6):
-    """Writes token_lm.arpa: an n-gram LM over the tokenizer's pieces of each sentence (word
-    starts included, so it also models word boundaries); returns the number of sentences."""
-    pieces = [[tokenizer.id_to_piece(i) for i in tokenizer.encode(" ".join(words))]
-              for words in sentences if words]
+    """Writes token_lm.arpa: an n-gram LM over the tokenizer's pieces of each sentence
+    (token_lm_pieces); returns the number of sentences."""
+    pieces = [token_lm_pieces(tokenizer, words) for words in sentences if words]
     with open(os.path.join(folder, TOKEN_ARPA), "w") as f:
         f.write(build_arpa(pieces, order))
     return len(pieces)
@@ -255,13 +263,25 @@ class CTCLMDecoder:
         self.tokenizer = tokenizer
         tokens = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
         self.blank_index = blank_index
-        self.decoder = ctc_decoder(
-            lexicon=os.path.join(folder, LEXICON) if self.kind == "lexicon" else None,
-            tokens=tokens,
-            lm=os.path.join(folder, ARPA if self.kind == "lexicon" else TOKEN_ARPA),
-            nbest=1, beam_size=beam_size, lm_weight=self.lm_weight, word_score=self.word_score,
-            unk_word=UNK, blank_token=tokens[blank_index],
-            sil_token=WORD_START if WORD_START in tokens else tokens[blank_index])
+        with tempfile.TemporaryDirectory() as tmp:
+            lm_dict = None
+            if self.kind == "token":
+                # The LM's dictionary must list the tokens in emission order: the decoder scores
+                # token i as the LM word at index i. Without lm_dict, torchaudio builds it from
+                # an unordered map, which scores a permutation of the tokens.
+                lm_dict = os.path.join(tmp, "tokens.txt")
+                with open(lm_dict, "w", encoding="utf-8") as f:
+                    f.write("\n".join(tokens) + "\n")
+            self.decoder = ctc_decoder(
+                lexicon=os.path.join(folder, LEXICON) if self.kind == "lexicon" else None,
+                tokens=tokens, lm_dict=lm_dict,
+                lm=os.path.join(folder, ARPA if self.kind == "lexicon" else TOKEN_ARPA),
+                nbest=1, beam_size=beam_size, lm_weight=self.lm_weight,
+                word_score=self.word_score, unk_word=UNK,
+                # lexicon-free search has no words: its per-word score is one per word start
+                sil_score=self.word_score if self.kind == "token" else 0.0,
+                blank_token=tokens[blank_index],
+                sil_token=WORD_START if WORD_START in tokens else tokens[blank_index])
         self.vocab_size = len(tokens)
 
     def _text(self, hyp):

@@ -149,6 +149,34 @@ def test_token_lm_decoder_spells_new_words_and_prefers_seen_spellings(char_token
     assert CTCLMDecoder(str(tmp_path), char_tokenizer, 0, lm_weight=0.0).lm_weight == 0.0
 
 
+@pytest.mark.parametrize("text", ["THE CAT SAT ON THE MAT", "HELLO WARLD"])
+def test_token_lm_scores_each_token_with_its_own_lm_probability(char_tokenizer, tmp_path, text):
+    """The decoder's score of a clear path is its acoustic score plus lm_weight times the
+    ARPA model's log10 probability of exactly those tokens (torchaudio, left to itself, maps
+    the LM's words to the tokens in an arbitrary order)."""
+    pytest.importorskip("flashlight.lib.text")
+    from inference.word_lm import (TOKEN_ARPA, CTCLMDecoder, build_token_lm, token_lm_pieces,
+                                   write_lm_settings)
+
+    build_token_lm(SENTENCES, char_tokenizer, str(tmp_path), order=3)
+    write_lm_settings(str(tmp_path), "token", lm_weight=0.7)
+    decode = CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0, beam_size=5)
+    emissions = _emissions(char_tokenizer, text, sharp=30.0)
+    hyp = decode.decoder(emissions.contiguous(), torch.tensor([emissions.shape[1]],
+                                                              dtype=torch.int32))[0][0]
+    pieces = token_lm_pieces(char_tokenizer, text.split())
+    assert pieces[0] == text[0]  # no leading word start: the decoder never scores one
+    with open(tmp_path / TOKEN_ARPA) as f:
+        grams = parse_arpa(f.read())
+    history, lm_log10 = ("<s>",), 0.0
+    for piece in pieces + ["</s>"]:
+        lm_log10 += math.log10(backoff_prob(grams, history[-2:], piece))
+        history += (piece,)
+    acoustic = emissions[0].max(-1).values.sum().item()
+    assert decode(emissions, torch.ones(1)) == [text]
+    assert hyp.score == pytest.approx(acoustic + 0.7 * lm_log10, abs=1e-3)
+
+
 def test_lm_settings_name_missing_files(tmp_path):
     from inference.word_lm import lm_settings, write_lm_settings
 
