@@ -35,7 +35,10 @@ STREAMING_HPARAMS = os.path.join(REPO, "hparams", "CTC", "demo_streaming.yaml")
 STREAM_PIECE_SECONDS = 0.16
 SPLITS = ("train", "valid", "test", "real")
 TEST_SETS = ("test", "real")  # test_csv of demo.yaml, in this order
-LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # tried on the valid split
+# token-LM settings tried on the valid split: weight of the LM's log10 probability, and score
+# per word start (> 0 favours more words)
+LM_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+WORD_SCORES = (-1.0, 0.0, 1.0)
 # --quick: a model that trains in seconds, and utterances per split
 QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "d_ffn": 64, "d_state": 4,
                "beam_size": 2}
@@ -155,22 +158,44 @@ def try_add_ctc_lm(inference_folder, corpus):
     return True
 
 
-def tune_lm_weight(asr, inference_folder, valid_rows, corpus):
-    """Decodes the valid split with each of LM_WEIGHTS, keeps the one with the lowest CER (the
-    smaller weight on ties), records it in the folder and sets it on ``asr``.
+class _KeepLogProbs:
+    """Stands in for a Transcriber's LM decoder: keeps each batch's CTC log-probabilities (and
+    returns empty transcripts), so that many LM settings are tried on one encoder pass."""
 
-    Returns (weight, {weight: (WER, CER)})."""
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, log_probs, rel_lengths):
+        self.batches.append((log_probs, rel_lengths))
+        return [""] * len(log_probs)
+
+
+def tune_lm(asr, inference_folder, valid_rows, corpus):
+    """Decodes the valid split with each LM weight and word score (LM_WEIGHTS x WORD_SCORES),
+    keeps the setting with the lowest CER (then WER, then the smaller weight), records it in the
+    folder and sets it on ``asr``. The valid split is encoded once.
+
+    Returns (weight, word score, {(weight, word score): (WER, CER)})."""
     from inference.word_lm import CTCLMDecoder, write_lm_settings
 
+    kept = asr.word_lm = _KeepLogProbs()
+    asr.transcribe_files([os.path.join(corpus, r["wav"]) for r in valid_rows])
+    ids = [r["ID"] for r in valid_rows]
     rates = {}
     for weight in LM_WEIGHTS:
-        asr.word_lm = CTCLMDecoder(inference_folder, asr.asr.tokenizer,
-                                   asr.asr.hparams.blank_index, lm_weight=weight)
-        rates[weight] = error_rates(asr, valid_rows, corpus)
-    best = min(LM_WEIGHTS, key=lambda w: (rates[w][1], w))
-    write_lm_settings(inference_folder, "token", best)
+        for score in WORD_SCORES:
+            decode = CTCLMDecoder(inference_folder, asr.asr.tokenizer,
+                                  asr.asr.hparams.blank_index, lm_weight=weight,
+                                  word_score=score)
+            hyps = [text for log_probs, rel in kept.batches for text in decode(log_probs, rel)]
+            if len(hyps) != len(valid_rows):
+                raise DemoError(f"valid split: {len(hyps)} transcripts for {len(valid_rows)} "
+                                "files (a file was cut into chunks?)")
+            rates[weight, score] = recipe_error_rates(ids, hyps, valid_rows)
+    best = min(rates, key=lambda ws: (rates[ws][1], rates[ws][0], ws[0], abs(ws[1])))
+    write_lm_settings(inference_folder, "token", *best)
     asr.word_lm = CTCLMDecoder(inference_folder, asr.asr.tokenizer, asr.asr.hparams.blank_index)
-    return best, rates
+    return best[0], best[1], rates
 
 
 def oov_rate(rows, train_rows):
@@ -236,7 +261,8 @@ def format_table(summary):
         if "word_lm" in s:
             rows.append((f"{name} + token LM", f"WER {s['word_lm']['WER']:.2f} %   "
                          f"CER {s['word_lm']['CER']:.2f} %   (LM weight "
-                         f"{summary['lm_weight']}, chosen on valid)"))
+                         f"{summary['lm_weight']}, word score {summary['word_score']}, "
+                         "chosen on valid)"))
         if "streaming" in s:
             rows.append((f"{name} streamed", f"WER {s['streaming']['WER']:.2f} %   "
                          f"CER {s['streaming']['CER']:.2f} %   (greedy, "
@@ -292,8 +318,9 @@ def main(argv=None):
     word_lm = try_add_ctc_lm(inference, args.corpus)
     asr = load_transcriber(inference, args.device)  # one load for the file and the test sets
     n_valid = QUICK_UTTERANCES["valid"] if args.quick else len(rows["valid"])
-    lm_weight, valid_lm = (tune_lm_weight(asr, inference, rows["valid"][:n_valid], args.corpus)
-                           if word_lm else (None, {}))
+    lm_weight, word_score, valid_lm = (
+        tune_lm(asr, inference, rows["valid"][:n_valid], args.corpus) if word_lm
+        else (None, None, {}))
     transcript = asr.transcribe_files([wav])[0]
     params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
     summary = {
@@ -301,8 +328,9 @@ def main(argv=None):
         "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
         "parameters": params, "train_seconds": train_seconds,
         "file": os.path.relpath(wav, REPO), "reference": reference, "transcript": transcript,
-        "lm_weight": lm_weight,
-        "valid_lm": {str(w): {"WER": r[0], "CER": r[1]} for w, r in valid_lm.items()},
+        "lm_weight": lm_weight, "word_score": word_score,
+        "valid_lm": [{"lm_weight": w, "word_score": ws, "WER": r[0], "CER": r[1]}
+                     for (w, ws), r in valid_lm.items()],
     }
     for name in TEST_SETS:
         wer, _, _ = read_error_rate(os.path.join(out, f"wer_{name}.txt"))

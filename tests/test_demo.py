@@ -46,10 +46,17 @@ def test_quick_demo_end_to_end(tmp_path):
         from inference.word_lm import lm_settings
 
         assert (out / "inference" / "token_lm.arpa").is_file()
-        assert [float(w) for w in summary["valid_lm"]] == list(demo.LM_WEIGHTS)
-        best = min(r["CER"] for r in summary["valid_lm"].values())
-        assert summary["valid_lm"][str(summary["lm_weight"])]["CER"] == best
-        assert lm_settings(str(out / "inference"))["lm_weight"] == summary["lm_weight"]
+        grid = {(r["lm_weight"], r["word_score"]): r for r in summary["valid_lm"]}
+        assert sorted(grid) == sorted((w, s) for w in demo.LM_WEIGHTS for s in demo.WORD_SCORES)
+        chosen = grid[summary["lm_weight"], summary["word_score"]]
+        assert chosen["CER"] == min(r["CER"] for r in grid.values())
+        settings = lm_settings(str(out / "inference"))
+        assert (settings["lm_weight"], settings["word_score"]) == (summary["lm_weight"],
+                                                                  summary["word_score"])
+        # the grid decoded kept log-probabilities: a fresh Transcriber gives the same figures
+        asr = demo.load_transcriber(str(out / "inference"), "cpu")
+        valid = demo.read_rows("valid", demo.CORPUS)[: demo.QUICK_UTTERANCES["valid"]]
+        assert demo.error_rates(asr, valid, demo.CORPUS) == (chosen["WER"], chosen["CER"])
         for name in ("test", "real"):
             assert 0 <= summary[name]["word_lm"]["CER"] <= 100
             assert f"CER {summary[name]['word_lm']['CER']:.2f} %" in table

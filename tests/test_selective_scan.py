@@ -392,6 +392,28 @@ def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks,
         assert rel_err(fast[name], ref[name]) < tol, name
 
 
+def test_compiled_kernels_do_not_depend_on_the_thread_count(monkeypatch):
+    """The compiled kernels share channels among threads: outputs and every gradient are the
+    same, bit for bit, on 1 and 2 threads (no two threads write the same value)."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    inputs = grouped_inputs(3, 64, 8, 90, groups=2, dtype=torch.float32)
+    grad_out = torch.randn(3, 64, 90)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_scan(selective_scan_torch, inputs, grad_out, ARG_NAMES, True))
+    finally:
+        torch.set_num_threads(threads)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
 def test_grouped_b_must_divide_channels():
     inputs = grouped_inputs(1, 8, 4, 5, groups=3)
     with pytest.raises(ValueError, match="divides d_inner"):

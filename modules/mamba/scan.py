@@ -525,7 +525,8 @@ class _SelectiveScanFn(torch.autograd.Function):
                     if compiled:
                         ddtu, ddt = (u.new_empty(T, batch, d_inner) for _ in range(2))
                         scan_cpu.adjoint_block(dA, dtu, B_t, C_t, entry, H, dy, carry, A_k, dt,
-                                               dB[ts], dC[ts], ddtu, ddt, dA_k, blk.group_size)
+                                               dB[ts], dC[ts], ddtu, ddt, dA_k, blk.group_size,
+                                               blk.G[:T].view(dA.shape))
                     else:
                         ddtu, ddt = blk.adjoint(dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_k,
                                                 dA_k, dB[ts], dC[ts])
