@@ -14,8 +14,8 @@ import torch
 import modules.mamba.scan as ss
 import modules.mamba.scan_triton as st
 from modules.mamba import Mamba, MambaCache, selective_scan, selective_scan_ref
-from test_selective_scan import (ARG_NAMES, make_inputs, padded_reference, rel_err, run_padded,
-                                 run_scan)
+from test_selective_scan import (ARG_NAMES, grouped_inputs, make_inputs, padded_reference,
+                                 rel_err, run_padded, run_scan)
 
 pytestmark = pytest.mark.skipif(not st.INTERPRETED,
                                 reason="needs TRITON_INTERPRET=1 before import (see docstring)")
@@ -160,10 +160,61 @@ def test_mamba_block_on_triton_matches_torch(monkeypatch):
     _assert_same(_on_both_backends(block, x, PADDED, monkeypatch, stream=True))
 
 
+@pytest.mark.parametrize("groups,d_inner", [(2, 8), (3, 24)])
+def test_grouped_b_c_in_one_launch_match_reference(groups, d_inner):
+    """B, C (batch, G, d_state, L) read by channel group inside the kernels (groups of whole
+    channel blocks): outputs, last state and every gradient, the initial state's too, equal
+    the grouped reference's."""
+    inputs = grouped_inputs(2, d_inner, 3, 10, groups=groups)
+    h0 = torch.randn(2, d_inner, 3, dtype=torch.float64)
+    grad_out = torch.randn(2, d_inner, 10, dtype=torch.float64)
+    results = []
+    for fn, dtype in ((selective_scan_ref, torch.float64), (st.selective_scan_triton, torch.float32)):
+        h0_leaf = h0.to(dtype).detach().clone().requires_grad_(True)
+        run = run_scan(fn, {k: v.to(dtype) for k, v in inputs.items()}, grad_out.to(dtype),
+                       ARG_NAMES, True, initial_state=h0_leaf)
+        run["dh0"] = h0_leaf.grad
+        results.append(run)
+    ref, got = results
+    assert got["dB"].shape == inputs["B"].shape
+    for name in ref:
+        assert rel_err(got[name], ref[name]) < 1e-5, name
+
+
+def test_grouped_launch_with_lengths_equals_one_launch_per_group():
+    """A padded batch (full, cut across a chunk boundary, empty) with grouped B, C: the single
+    grouped launch gives what the kernels give one group at a time."""
+    inputs = {k: v.float() for k, v in grouped_inputs(3, 16, 3, 10, groups=2).items()}
+    lengths = torch.tensor([10, 6, 0])
+    h0 = torch.randn(3, 16, 3)
+    grad_out = torch.randn(3, 16, 10)
+
+    def per_group(*args, delta_softplus, return_last_state, initial_state, lengths):
+        return ss._by_group(st.selective_scan_triton, *args, delta_softplus, return_last_state,
+                            initial_state, lengths)
+
+    one = run_padded(st.selective_scan_triton, inputs, grad_out, lengths, h0)
+    split = run_padded(per_group, inputs, grad_out, lengths, h0)
+    for name in split:
+        assert rel_err(one[name], split[name]) < 1e-6, name
+
+
+def test_groups_that_split_a_channel_block_run_one_group_at_a_time():
+    """Groups of 6 channels with blocks of 4: the kernel refuses them, and selective_scan
+    (backend triton) calls it once per group, with the reference's results."""
+    inputs = {k: v.float() for k, v in grouped_inputs(2, 12, 3, 7, groups=2).items()}
+    args = [inputs[k] for k in ARG_NAMES]
+    with pytest.raises(ValueError, match="not whole blocks"):
+        st.selective_scan_triton(*args, delta_softplus=True)
+    out = selective_scan(*args, delta_softplus=True, backend="triton")
+    ref = selective_scan_ref(*args, delta_softplus=True)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_bimamba_grouped_scan_on_triton_matches_torch(monkeypatch):
-    """BiMamba scans both directions at once with grouped B, C (batch, 2, d_state, L); the
-    Triton backend runs it one group at a time (strided views of the grouped tensors): outputs
-    and every gradient equal the torch backend's, on a padded batch."""
+    """BiMamba scans both directions at once with grouped B, C (batch, 2, d_state, L), in one
+    Triton launch (12 channels per group, blocks of 4): outputs and every gradient equal the
+    torch backend's, on a padded batch."""
     from modules.mamba import BiMamba
 
     torch.manual_seed(0)

@@ -4,6 +4,7 @@
 import csv
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -57,6 +58,15 @@ def test_quick_demo_end_to_end(tmp_path):
         asr = demo.load_transcriber(str(out / "inference"), "cpu")
         valid = demo.read_rows("valid", demo.CORPUS)[: demo.QUICK_UTTERANCES["valid"]]
         assert demo.error_rates(asr, valid, demo.CORPUS) == (chosen["WER"], chosen["CER"])
+        # kept batches map back to the files, whatever order the Transcriber decodes them in
+        rows = demo.read_rows("test", demo.CORPUS)[:10]
+        kept = asr.word_lm = demo._KeepLogProbs()
+        keys = asr.transcribe_files([os.path.join(demo.CORPUS, r["wav"]) for r in rows])
+        assert len(kept.batches) > 1
+        frames = kept.transcripts(keys, lambda lp, rel: [
+            str(n) for n in (rel * lp.shape[1]).round().int().tolist()])
+        expected = [float(r["duration"]) * 25 for r in rows]  # 25 encoder frames per second
+        assert all(abs(int(f) - e) <= 1 for f, e in zip(frames, expected)), (frames, expected)
         for name in ("test", "real"):
             assert 0 <= summary[name]["word_lm"]["CER"] <= 100
             assert f"CER {summary[name]['word_lm']['CER']:.2f} %" in table

@@ -780,8 +780,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                return_last_state)
     if choice == "triton":
-        return _by_group(_triton_scan()[0], u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                         return_last_state, initial_state, lengths)
+        from .scan_triton import groups_fit, selective_scan_triton  # _resolve imported it
+
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                initial_state, lengths)
+        if B.dim() == 4 and groups_fit(u.shape[1], B.shape[1]):
+            return selective_scan_triton(*args)  # grouped B, C in one launch
+        return _by_group(selective_scan_triton, *args)
     scan = selective_scan_ref if choice == "ref" else selective_scan_torch
     if lengths is None:
         return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,

@@ -6,7 +6,8 @@ state entering each chunk of CHUNK time steps; backward recomputes a chunk's sta
 the adjoint recursion backwards over the chunk), with the time loop inside the kernel:
 
 - one program per (sequence, block of BLOCK_D channels) holds its state h (BLOCK_D, d_state) in
-  float32 registers and walks through time; d_state is a ``tl.arange`` dimension;
+  float32 registers and walks through time; d_state is a ``tl.arange`` dimension; with grouped
+  B, C (batch, G, d_state, L), as BiMamba's two directions, a program reads its block's group;
 - forward writes out (batch, d_inner, L), the last state and the chunk-entry states
   (batch, n_chunks, d_inner, d_state) float32;
 - backward keeps per program one chunk of recomputed states (CHUNK + 1, BLOCK_D, d_state) as
@@ -64,13 +65,16 @@ def _load_step(t, b_u, b_dt, b_z, b_B, b_C, u_sl, dt_sl, z_sl, B_sl, C_sl, offs_
 
 @triton.jit
 def _program_setup(pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-                   len_ptr, d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb,
-                   B_sn, C_sb, C_sn, A_sd, A_sn, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
-                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr):
+                   len_ptr, d_inner, length, d_state, group_blocks, u_sb, u_sd, dt_sb, dt_sd, z_sb,
+                   z_sd, B_sb, B_sg, B_sn, C_sb, C_sg, C_sn, A_sd, A_sn, BLOCK: tl.constexpr,
+                   N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_LEN: tl.constexpr):
     """What a (sequence pid_b, channel block pid_d) program reads once: channel and state offsets
     and masks, A (BLOCK, N_PAD), D, bias (BLOCK,) as float32, its length, and the base pointers
-    of its rows of u, delta, z (channels) and of B, C (states). ``dn`` indexes a contiguous
-    (batch, d_inner, d_state) float32 tensor (states, h0, last, dA) at ``state_base``."""
+    of its rows of u, delta, z (channels) and of B, C (states, of the channel group
+    pid_d // group_blocks: a group is group_blocks whole channel blocks). ``dn`` indexes a
+    contiguous (batch, d_inner, d_state) float32 tensor (states, h0, last, dA) at
+    ``state_base``."""
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < d_inner
@@ -86,19 +90,20 @@ def _program_setup(pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_pt
     b_u = u_ptr + pid_b * u_sb + offs_d * u_sd
     b_dt = dt_ptr + pid_b * dt_sb + offs_d * dt_sd
     b_z = z_ptr + pid_b * z_sb + offs_d * z_sd
-    b_B = B_ptr + pid_b * B_sb + offs_n * B_sn
-    b_C = C_ptr + pid_b * C_sb + offs_n * C_sn
+    group = pid_d // group_blocks
+    b_B = B_ptr + pid_b * B_sb + group * B_sg + offs_n * B_sn
+    b_C = C_ptr + pid_b * C_sb + group * C_sg + offs_n * C_sn
     return (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt,
             b_z, b_B, b_C)
 
 
-@triton.jit(do_not_specialize=["d_inner", "length", "d_state", "n_chunks"])
+@triton.jit(do_not_specialize=["d_inner", "length", "d_state", "n_chunks", "group_blocks"])
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, len_ptr,
     out_ptr, states_ptr, last_ptr,
-    d_inner, length, d_state, n_chunks,
+    d_inner, length, d_state, n_chunks, group_blocks,
     u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, z_sb, z_sd, z_sl,
-    B_sb, B_sn, B_sl, C_sb, C_sn, C_sl, o_sb, o_sd, o_sl, A_sd, A_sn,
+    B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl, o_sb, o_sd, o_sl, A_sd, A_sn,
     BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LEN: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr,
@@ -108,8 +113,8 @@ def _fwd_kernel(
     (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt, b_z,
      b_B, b_C) = _program_setup(
         pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr,
-        d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn,
-        A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
+        d_inner, length, d_state, group_blocks, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sg,
+        B_sn, C_sb, C_sg, C_sn, A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
     if HAS_H0:
         h = tl.load(h0_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
     else:
@@ -131,13 +136,14 @@ def _fwd_kernel(
     tl.store(last_ptr + state_base + dn, h, mask=mask_dn)
 
 
-@triton.jit(do_not_specialize=["d_inner", "length", "d_state", "n_chunks", "n_dblocks"])
+@triton.jit(do_not_specialize=["d_inner", "length", "d_state", "n_chunks", "n_dblocks",
+                             "group_blocks"])
 def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, states_ptr, dout_ptr,
     scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    d_inner, length, d_state, n_chunks, n_dblocks,
+    d_inner, length, d_state, n_chunks, n_dblocks, group_blocks,
     u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, z_sb, z_sd, z_sl,
-    B_sb, B_sn, B_sl, C_sb, C_sn, C_sl, g_sb, g_sd, g_sl, A_sd, A_sn,
+    B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl, g_sb, g_sd, g_sl, A_sd, A_sn,
     BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
     SOFTPLUS: tl.constexpr,
@@ -145,16 +151,17 @@ def _bwd_kernel(
     """Gradients of one (sequence, channel block), chunks in reverse order.
 
     du, ddelta, dz, dout share the strides g_s* (allocated alike). Reductions over channels (dB,
-    dC: (batch, n_dblocks, d_state, L)) and over the batch (dA, dD, ddelta_bias: per sequence) are
-    written as float32 partial sums, added up by the caller: deterministic, no atomics.
+    dC: (batch, n_dblocks, d_state, L), per channel block) and over the batch (dA, dD,
+    ddelta_bias: per sequence) are written as float32 partial sums, added up by the caller:
+    deterministic, no atomics.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     (offs_d, mask_d, offs_n, mask_n, mask_dn, dn, state_base, A, D, bias, seqlen, b_u, b_dt, b_z,
      b_B, b_C) = _program_setup(
         pid_b, pid_d, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, len_ptr,
-        d_inner, length, d_state, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn,
-        A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
+        d_inner, length, d_state, group_blocks, u_sb, u_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sg,
+        B_sn, C_sb, C_sg, C_sn, A_sd, A_sn, BLOCK, N_PAD, HAS_D, HAS_BIAS, HAS_LEN)
     g_off = pid_b * g_sb + offs_d * g_sd
     # scratch (CHUNK_T + 1, BLOCK, N_PAD) of this program: slot i holds the state before step
     # t0 + i of the current chunk
@@ -216,14 +223,34 @@ def _bwd_kernel(
     tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
+def _groups(B):
+    return B.shape[1] if B.dim() == 4 else 1
+
+
 def _strides(x):
     return tuple(x.stride()) if x is not None else (0, 0, 0)
 
 
-def _launch_geometry(A):
+def _launch_geometry(A, groups=1):
+    """(channels per program, programs per sequence, padded d_state, programs per group)."""
     d_inner, d_state = A.shape
-    block = min(BLOCK_D, triton.next_power_of_2(d_inner))
-    return block, triton.cdiv(d_inner, block), triton.next_power_of_2(d_state)
+    block = min(BLOCK_D, triton.next_power_of_2(d_inner // groups))
+    n_dblocks = triton.cdiv(d_inner, block)
+    return block, n_dblocks, triton.next_power_of_2(d_state), n_dblocks // groups
+
+
+def groups_fit(d_inner, groups):
+    """Whether the kernels take grouped B, C of ``groups`` groups directly: each group must be
+    whole channel blocks (else scan.py calls them once per group)."""
+    block = min(BLOCK_D, triton.next_power_of_2(d_inner // groups))
+    return (d_inner // groups) % block == 0
+
+
+def _bc_strides(x):
+    """(batch, group, state, time) strides of B or C, (batch, d_state, L) ones as one group."""
+    if x.dim() == 3:
+        return x.stride(0), 0, x.stride(1), x.stride(2)
+    return tuple(x.stride())
 
 
 class _TritonScanFn(torch.autograd.Function):
@@ -232,7 +259,7 @@ class _TritonScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, lengths, delta_softplus):
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
-        block, n_dblocks, n_pad = _launch_geometry(A)
+        block, n_dblocks, n_pad, group_blocks = _launch_geometry(A, _groups(B))
         n_chunks = max(1, triton.cdiv(length, CHUNK))
         f32 = torch.float32
         A, D, delta_bias = (None if t is None else t.to(f32).contiguous()
@@ -249,9 +276,9 @@ class _TritonScanFn(torch.autograd.Function):
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
             delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
             lengths if lengths is not None else dummy, out, states, last,
-            d_inner, length, d_state, n_chunks,
-            *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *out.stride(),
-            *A.stride(),
+            d_inner, length, d_state, n_chunks, group_blocks,
+            *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
+            *out.stride(), *A.stride(),
             BLOCK=block, N_PAD=n_pad, CHUNK_T=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None, HAS_LEN=lengths is not None,
             SOFTPLUS=bool(delta_softplus), SAVE_STATES=save,
@@ -268,7 +295,8 @@ class _TritonScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, lengths, states = ctx.saved_tensors
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
-        block, n_dblocks, n_pad = _launch_geometry(A)
+        groups = _groups(B)
+        block, n_dblocks, n_pad, group_blocks = _launch_geometry(A, groups)
         chunk = ctx.chunk  # the chunks of the saved states
         f32 = torch.float32
         # du, ddelta, dz and dout share one layout (delta's); frames past a length stay zero
@@ -294,14 +322,15 @@ class _TritonScanFn(torch.autograd.Function):
             lengths if lengths is not None else dummy, states, dout, scratch,
             du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part,
             dbias_part, dh0,
-            d_inner, length, d_state, states.shape[1], n_dblocks,
-            *u.stride(), *delta.stride(), *_strides(z), *B.stride(), *C.stride(), *dout.stride(),
-            *A.stride(),
+            d_inner, length, d_state, states.shape[1], n_dblocks, group_blocks,
+            *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
+            *dout.stride(), *A.stride(),
             BLOCK=block, N_PAD=n_pad, CHUNK_T=chunk, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, HAS_LEN=lengths is not None,
             SOFTPLUS=ctx.delta_softplus,
         )
-        dB, dC = dB_part.sum(1).to(B.dtype), dC_part.sum(1).to(C.dtype)
+        dB, dC = (part.view(batch, groups, group_blocks, d_state, length).sum(2).view(x.shape)
+                  .to(x.dtype) for part, x in ((dB_part, B), (dC_part, C)))
         dD = None if D is None else dD_part.sum(0)
         dbias = None if delta_bias is None else dbias_part.sum(0)
         return (du, ddelta, dA_part.sum(0), dB, dC, dD, dz, dbias,
@@ -314,7 +343,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Triton selective scan: the arguments and results of ``scan.selective_scan_ref``, plus
     ``lengths``.
 
-    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
+    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L), or
+    (batch, G, d_state, L) shared by G equal channel groups when groups_fit(d_inner, G);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state) or None (zeros);
     lengths: (batch,) integer tensor or None (all L).
     Returns out (batch, d_inner, L) in delta's dtype [, last_state (batch, d_inner, d_state)
@@ -322,6 +352,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dtype.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
+    if B.dim() == 4 and not groups_fit(u.shape[1], B.shape[1]):
+        raise ValueError(
+            f"selective_scan_triton: {B.shape[1]} groups of {u.shape[1] // B.shape[1]} channels "
+            f"are not whole blocks of {BLOCK_D} channels; call it once per group")
     device_ok = u.is_cuda or INTERPRETED
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype not in DTYPES:
