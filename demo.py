@@ -2,7 +2,7 @@
 """`make demo`: trains a small ConMamba CTC model (hparams/CTC/demo.yaml) on the bundled corpus
 on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech (CTC beam
 search alone, then with a token 6-gram LM of the corpus' sentence pool without its valid and
-test sentences, its weight chosen on the valid split), transcribes one bundled file with the
+test sentences, its weight and word score chosen on the valid split), transcribes one file with the
 exported model and prints a summary table.
 
     python demo.py                      # full demo: 6 epochs, ~14 min on 2 CPU cores
