@@ -446,6 +446,18 @@ def test_scan_after_inference_mode_scan():
     assert torch.equal(inside, outside) and torch.equal(outside, again)
 
 
+def test_importing_the_mamba_modules_does_not_import_numba():
+    """numba's import is part of loading the kernels (a large scan's cost, see usable_for),
+    never of importing the modules: a short transcription does not pay it."""
+    import subprocess
+    import sys
+
+    code = "import sys, modules.mamba, modules.Conmamba; print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("min_work,expected", [(10 ** 9, False), (0, True)])
 def test_compiled_kernels_load_on_a_large_scan(min_work, expected, monkeypatch):
     """MAMBA_SCAN_NUMBA unset: a scan below MIN_WORK state updates does not load the kernels

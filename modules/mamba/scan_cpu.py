@@ -51,11 +51,14 @@ def usable_for(u, d_state):
 
 
 def _kernel(name="scan"):
+    global prange
     if name not in _KERNELS:
         try:
             import numba
         except ImportError:
             numba = None
+        else:
+            prange = numba.prange  # read by numba when it compiles the kernels below
         for key, fn in (("scan", _scan_block), ("states", _states_block),
                         ("adjoint", _adjoint_block)):
             # reassoc: the d_state sums may be vectorised (summation order differs from bmm's);
@@ -66,15 +69,9 @@ def _kernel(name="scan"):
     return _KERNELS[name]
 
 
-def _prange():
-    try:
-        from numba import prange
-    except ImportError:
-        prange = range
-    return prange
-
-
-prange = _prange()
+# The kernels' channel loop; _kernel makes it numba.prange before compiling them (importing numba
+# here would cost every process ~0.2-0.4 s at start-up, see usable_for).
+prange = range
 
 
 def _scan_block(dA, dtu, B, C, h, y, group_size):
