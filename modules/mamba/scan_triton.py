@@ -231,10 +231,15 @@ def _strides(x):
     return tuple(x.stride()) if x is not None else (0, 0, 0)
 
 
+def _block(d_inner, groups):
+    """Channels per program: BLOCK_D, or fewer for small groups."""
+    return min(BLOCK_D, triton.next_power_of_2(d_inner // groups))
+
+
 def _launch_geometry(A, groups=1):
     """(channels per program, programs per sequence, padded d_state, programs per group)."""
     d_inner, d_state = A.shape
-    block = min(BLOCK_D, triton.next_power_of_2(d_inner // groups))
+    block = _block(d_inner, groups)
     n_dblocks = triton.cdiv(d_inner, block)
     return block, n_dblocks, triton.next_power_of_2(d_state), n_dblocks // groups
 
@@ -242,8 +247,7 @@ def _launch_geometry(A, groups=1):
 def groups_fit(d_inner, groups):
     """Whether the kernels take grouped B, C of ``groups`` groups directly: each group must be
     whole channel blocks (else scan.py calls them once per group)."""
-    block = min(BLOCK_D, triton.next_power_of_2(d_inner // groups))
-    return (d_inner // groups) % block == 0
+    return (d_inner // groups) % _block(d_inner, groups) == 0
 
 
 def _bc_strides(x):
