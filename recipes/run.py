@@ -3,6 +3,7 @@ experiment folder, LibriSpeech preparation) and the train / test / export sequen
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import sys
@@ -91,6 +92,36 @@ def recipe_tokenizer(hparams, kind, device):
     return tokenizer, tokenizer_file, lm_model
 
 
+def fit_schedule_to_data(hparams, train, train_sampler, world_size=1):
+    """A LinearWarmupScheduler (``noam_annealing``) decays to 0 at the run's last step: its
+    ``num_training_steps`` is set here to epochs x optimizer steps per epoch of this train data
+    (batches per epoch, per DDP process, over ``grad_accumulation_factor``), so that any corpus,
+    batch length or epoch count gets the whole schedule. Other schedulers are left alone.
+
+    Returns the number of steps set, or None."""
+    from speechbrain.nnet.schedulers import LinearWarmupScheduler
+
+    scheduler = hparams.get("noam_annealing")
+    if not isinstance(scheduler, LinearWarmupScheduler):
+        return None
+    if train_sampler is not None:
+        batches = len(train_sampler)
+    else:
+        batches = math.ceil(len(train) / hparams["batch_size"])
+    batches = math.ceil(batches / world_size)
+    steps_per_epoch = math.ceil(batches / (hparams.get("grad_accumulation_factor") or 1))
+    scheduler.num_training_steps = hparams["number_of_epochs"] * steps_per_epoch
+    if scheduler.num_training_steps <= scheduler.num_warmup_steps:
+        raise RecipeError(
+            f"n_warmup_steps ({scheduler.num_warmup_steps}) must be below the run's "
+            f"{scheduler.num_training_steps} optimizer steps ({hparams['number_of_epochs']} "
+            f"epochs x {steps_per_epoch}): lower --n_warmup_steps or raise --number_of_epochs")
+    logger.info("learning rate: linear warm-up over %d steps, then linear decay to 0 at step %d "
+                "(%d epochs x %d steps)", scheduler.num_warmup_steps,
+                scheduler.num_training_steps, hparams["number_of_epochs"], steps_per_epoch)
+    return scheduler.num_training_steps
+
+
 def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
     """The whole recipe: set-up, tokenizer (+ LM), data, training (unless skip_train /
     --test_only), testing with the averaged best checkpoints, export to inference_folder.
@@ -107,6 +138,8 @@ def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
     train, valid, tests, train_sampler, valid_sampler = dataio_prepare(
         hparams, tokenizer, with_bos_eos=kind == "S2S")
     train_opts, valid_opts = loader_kwargs(hparams, train_sampler, valid_sampler)
+    fit_schedule_to_data(hparams, train, train_sampler,
+                         int(os.environ.get("WORLD_SIZE", "1")))
     tensorboard = hparams.get("tensorboard_logger")
     brain = brain_class(
         modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -217,3 +218,37 @@ def test_end_to_end_two_sentences_reproducible(tmp_path):
             assert info.samplerate == 16000 and info.channels == 1
             assert 0.5 < float(r["duration"]) < 5
     assert (outs[0] / "audio" / "train" / "tr_00001.ogg").is_file()
+
+
+def test_opus_tags_padding_stripped_without_changing_the_audio(tmp_path):
+    mc = load_script()
+    t = torch.arange(32000) / 16000
+    audio = (0.3 * torch.sin(2 * torch.pi * 440 * t) * torch.sin(2 * torch.pi * 3 * t)).numpy()
+    path = tmp_path / "a.ogg"
+    sf.write(path, audio, 16000, format="OGG", subtype="OPUS", compression_level=0.98)
+    padded = path.read_bytes()
+    stripped = mc.strip_opus_tags_padding(padded)
+    assert len(padded) - len(stripped) > 500
+    assert mc.strip_opus_tags_padding(stripped) == stripped  # nothing left to strip
+    path.write_bytes(stripped)
+    decoded, _ = sf.read(path, dtype="float32")
+    reference, _ = sf.read(io.BytesIO(padded), dtype="float32")
+    assert decoded.shape == reference.shape and (decoded == reference).all()
+    # the rewritten page's checksum is Ogg's CRC (libogg drops pages whose checksum is wrong)
+    n_segs = stripped[26]
+    start = 27 + n_segs + sum(stripped[27:27 + n_segs])
+    n_segs = stripped[start + 26]
+    end = start + 27 + n_segs + sum(stripped[start + 27:start + 27 + n_segs])
+    page = bytearray(stripped[start:end])
+    crc, page[22:26] = bytes(page[22:26]), b"\0\0\0\0"
+    assert mc._ogg_crc(page).to_bytes(4, "little") == crc
+    flac = tmp_path / "a.flac"
+    sf.write(flac, audio, 16000)
+    assert mc.strip_opus_tags_padding(flac.read_bytes()) == flac.read_bytes()
+
+
+def test_bundled_opus_files_carry_no_tags_padding(rows):
+    mc = load_script()
+    for row in rows["train"][:20]:
+        data = (CORPUS / row["wav"]).read_bytes()
+        assert mc.strip_opus_tags_padding(data) == data, row["wav"]

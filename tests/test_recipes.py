@@ -240,3 +240,23 @@ def test_exported_yaml_keeps_the_whole_mamba_config(kind, tmp_path):
     assert exported["Transformer"].encoder.layers[0].mamba.merge == "sum"
     assert {k: v.shape for k, v in exported["model"].state_dict().items()} == \
         {k: v.shape for k, v in hparams["model"].state_dict().items()}
+
+
+def test_linear_schedule_fitted_to_the_data():
+    """The demo's linear schedule ends at the run's last optimizer step, whatever the corpus."""
+    from speechbrain.nnet.schedulers import LinearWarmupScheduler, NoamScheduler
+
+    from recipes.run import fit_schedule_to_data
+
+    sched = LinearWarmupScheduler(1.0, 10, None)
+    hp = {"noam_annealing": sched, "number_of_epochs": 3, "batch_size": 8,
+          "grad_accumulation_factor": 2}
+    assert fit_schedule_to_data(hp, range(100), list(range(41))) == 3 * 21  # sampler: 41 batches
+    assert fit_schedule_to_data(hp, range(100), None) == 3 * 7  # 13 batches of 8
+    assert fit_schedule_to_data(hp, range(100), list(range(41)), world_size=2) == 3 * 11
+    assert sched.calculate_lr(sched.num_training_steps) == 0.0
+    assert sched.calculate_lr(sched.num_training_steps - 1) > 0.0
+    with pytest.raises(RecipeError, match="n_warmup_steps"):
+        fit_schedule_to_data({**hp, "number_of_epochs": 1, "batch_size": 100}, range(100), None)
+    noam = NoamScheduler(1.0, 10)
+    assert fit_schedule_to_data({**hp, "noam_annealing": noam}, range(100), None) is None

@@ -119,7 +119,8 @@ def test_transcribes_files_greedy(ctc, audio_files):
 
 
 def test_stereo_is_averaged_and_any_rate_resampled(ctc, audio_files, tmp_path):
-    x = ctc.load_audio(audio_files[0])
+    # on the 16-bit grid, so that x + d, x - d and their mean are exact in float32
+    x = torch.round(ctc.load_audio(audio_files[0]) * 32768) / 32768
     expected = ctc.transcribe_waveform(x, SR)
     # 16 kHz stereo whose channel mean is exactly x: same transcript
     d = torch.round(torch.randn_like(x) * 64) / 1024
@@ -225,7 +226,9 @@ def test_long_mamba_audio_in_one_piece_equals_chunked_path(ctc_dir, tmp_path):
     features' top_db floor is relative to it) the chunked path gives the same text."""
     model = _local_context_model(ctc_dir, tmp_path / "local")
     rows = [r for r in read_rows(os.path.join(CORPUS, "test.csv"))
-            if r["spk_id"].startswith("espeak:")][:8]  # varied enough for many distinct words
+            if r["spk_id"].startswith("flite:")][:8]  # gives many distinct words (the chunk
+    # merge aligns texts on words: long runs of one word, as espeak's voices give this model,
+    # make the join ambiguous)
     period = torch.cat([load_audio(os.path.join(CORPUS, r["wav"]), SR) for r in rows])[: 12 * SR]
     wav = period.repeat(5)  # 60 s; every 20 s chunk holds a whole period, so its loudest frame
     whole = Transcriber.from_folder(model, device="cpu")
