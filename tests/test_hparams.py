@@ -120,6 +120,15 @@ def test_mamba_knobs_change_the_model(repo_root, tmp_path):
     assert count(uni["model"]) < count(base["model"])
 
 
+@pytest.mark.parametrize("kind", ["CTC", "S2S"])
+def test_cnn_dropout_knob(repo_root, tmp_path, kind):
+    def rates(hp):
+        return [m.p for m in hp["CNN"].modules() if isinstance(m, torch.nn.Dropout)]
+
+    assert rates(_tiny(repo_root, tmp_path, kind)) == [0.1, 0.1]  # SpeechBrain's default
+    assert rates(_tiny(repo_root, tmp_path, kind, cnn_dropout=0.0)) == [0.0, 0.0]
+
+
 def test_knobs_from_the_command_line(repo_root, tmp_path):
     """The scripts' path: sb.parse_arguments leaves --d_state etc. as a YAML overrides string."""
     import speechbrain as sb
