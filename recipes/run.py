@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import speechbrain as sb
+import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from modules.mamba.scan import describe_backend
@@ -138,8 +139,8 @@ def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
     train, valid, tests, train_sampler, valid_sampler = dataio_prepare(
         hparams, tokenizer, with_bos_eos=kind == "S2S")
     train_opts, valid_opts = loader_kwargs(hparams, train_sampler, valid_sampler)
-    fit_schedule_to_data(hparams, train, train_sampler,
-                         int(os.environ.get("WORLD_SIZE", "1")))
+    fit_schedule_to_data(hparams, train, train_sampler, world_size=(
+        torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1))
     tensorboard = hparams.get("tensorboard_logger")
     brain = brain_class(
         modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

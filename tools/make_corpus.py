@@ -26,6 +26,7 @@ A bigger corpus:
 
 import argparse
 import csv
+import io
 import random
 import re
 import shutil
@@ -270,10 +271,10 @@ def synthesize(job, out_dir, fmt, opus_level, tmp_dir):
         audio = add_noise(audio, job["snr_db"], job["noise_seed"])
     rel = Path("audio") / job["split"] / f"{job['ID']}.{ext}"
     extra = {"compression_level": opus_level} if subtype == "OPUS" else {}
-    sf.write(out_dir / rel, audio, sr, format=sf_format, subtype=subtype, **extra)
-    if subtype == "OPUS":
-        path = out_dir / rel
-        path.write_bytes(strip_opus_tags_padding(path.read_bytes()))
+    encoded = io.BytesIO()
+    sf.write(encoded, audio, sr, format=sf_format, subtype=subtype, **extra)
+    data = encoded.getvalue()
+    (out_dir / rel).write_bytes(strip_opus_tags_padding(data) if subtype == "OPUS" else data)
     info = sf.info(out_dir / rel)
     return {"ID": job["ID"], "duration": f"{info.frames / info.samplerate:.3f}",
             "wav": rel.as_posix(), "spk_id": f"{job['engine']}:{job['voice']}",
@@ -403,7 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--engines", default=DEFAULT_ENGINE_WEIGHTS,
                    help="engine:weight list; each utterance picks an engine with these odds")
     p.add_argument("--format", choices=sorted(FORMATS), default="ogg",
-                   help="ogg = Opus in Ogg (~1.4 kB/s at the default level), flac (~19 kB/s), wav (32 kB/s)")
+                   help="ogg = Opus in Ogg (~1.4 kB/s at the default level), flac (~19 kB/s), "
+                        "wav (32 kB/s)")
     p.add_argument("--opus-level", type=float, default=0.98,
                    help="libsndfile Opus compression level in [0, 1] (higher = smaller file); "
                         "0.98 is ~13 kbit/s; above ~0.985 libopus cuts the band to 4 kHz")
