@@ -1,4 +1,5 @@
-"""The fast pure-PyTorch selective scan against the sequential reference, and backend selection."""
+"""The fast selective scan (pure PyTorch, and the compiled CPU kernels) against the sequential
+reference, and backend selection."""
 
 import pytest
 import torch
@@ -99,9 +100,9 @@ def small_blocks(monkeypatch):
 
 
 @pytest.fixture(params=["torch", "compiled"])
-def forward_kernel(request, monkeypatch):
-    """The fast scan's forward either in pure PyTorch or with the compiled CPU kernel (numba;
-    skipped where numba is not installed)."""
+def scan_path(request, monkeypatch):
+    """The fast scan either in pure PyTorch or as the compiled CPU kernels (numba; skipped where
+    numba is not installed)."""
     from modules.mamba import scan_cpu
 
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0" if request.param == "torch" else "1")
@@ -112,7 +113,7 @@ def forward_kernel(request, monkeypatch):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("optional,softplus", OPTION_SETS)
-def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks, forward_kernel):
+def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks, scan_path):
     use = ("u", "delta", "A", "B", "C") + optional
     inputs64 = make_inputs(*shape)
     if not softplus:  # delta is then used as the step size itself: keep it positive and small
@@ -134,7 +135,7 @@ def test_fast_scan_matches_reference(shape, optional, softplus, small_blocks, fo
         assert rel_err(fast32[name], ref32[name]) < 1e-5, name
 
 
-def test_default_block_size_and_long_sequence():
+def test_default_block_size_and_long_sequence(scan_path):
     use = ARG_NAMES
     assert ss._block_steps(4, 16, 128, 300) == 128  # 3 blocks, the last one partial
     inputs = make_inputs(4, 128, 16, 300)
@@ -157,9 +158,11 @@ def test_saved_block_states_stay_small(batch, d_inner, d_state, length):
     assert steps * bnd <= max(ss.BLOCK_FLOATS, bnd * d_state)
 
 
-def test_reused_work_buffers_do_not_leak_between_calls(small_blocks):
-    """Consecutive scans of different sizes share the per-thread scratch buffer: each result
-    matches the reference, and no returned tensor is a view of the scratch."""
+def test_reused_work_buffers_do_not_leak_between_calls(small_blocks, monkeypatch):
+    """Consecutive scans of different sizes share the per-thread scratch buffer of the
+    pure-PyTorch scan: each result matches the reference, and no returned tensor is a view of
+    the scratch."""
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     small, large = make_inputs(2, 8, 4, 37, torch.float32), make_inputs(3, 16, 8, 70, torch.float32)
     out_small = run_scan(selective_scan_torch, small, torch.ones(2, 8, 37), ARG_NAMES, True)
     kept = {k: v.clone() for k, v in out_small.items()}
@@ -176,7 +179,7 @@ def test_reused_work_buffers_do_not_leak_between_calls(small_blocks):
                for res in (out_small, out_large, again) for t in res.values())
 
 
-def test_scan_after_an_inference_mode_scan(small_blocks):
+def test_scan_after_an_inference_mode_scan(small_blocks, scan_path):
     """Work buffers made under torch.inference_mode (transcription) are not reused by a scan
     outside it (training), where writing into an inference tensor is an error."""
     inputs = make_inputs(2, 8, 4, 37, torch.float32)
@@ -187,13 +190,13 @@ def test_scan_after_an_inference_mode_scan(small_blocks):
     assert torch.equal(inside, outside)
 
 
-def test_empty_sequence():
+def test_empty_sequence(scan_path):
     inputs = make_inputs(2, 3, 4, 0, dtype=torch.float32)
     out, last = selective_scan_torch(*(inputs[k] for k in ARG_NAMES), return_last_state=True)
     assert out.shape == (2, 3, 0) and torch.equal(last, torch.zeros(2, 3, 4))
 
 
-def test_initial_state_continues_sequence(small_blocks):
+def test_initial_state_continues_sequence(small_blocks, scan_path):
     inputs = make_inputs(2, 6, 4, 40)
     full, last = selective_scan_torch(*(inputs[k] for k in ARG_NAMES), delta_softplus=True,
                                       return_last_state=True)
@@ -207,7 +210,7 @@ def test_initial_state_continues_sequence(small_blocks):
     torch.testing.assert_close(last2, last, rtol=0, atol=1e-12)
 
 
-def test_initial_state_gradient_matches_reference(small_blocks):
+def test_initial_state_gradient_matches_reference(small_blocks, scan_path):
     inputs = make_inputs(2, 5, 3, 23)
     grads = []
     for fn in (selective_scan_ref, selective_scan_torch):
@@ -219,7 +222,7 @@ def test_initial_state_gradient_matches_reference(small_blocks):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_tiny(small_blocks):
+def test_gradcheck_tiny(small_blocks, scan_path):
     inputs = make_inputs(2, 3, 2, 7)
     args = tuple(inputs[k].clone().requires_grad_(True) for k in ARG_NAMES)
     h0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -230,7 +233,7 @@ def test_gradcheck_tiny(small_blocks):
     assert torch.autograd.gradcheck(fn, args + (h0,), eps=1e-6, atol=1e-7)
 
 
-def test_last_state_has_no_gradient_and_matches_reference():
+def test_last_state_has_no_gradient_and_matches_reference(scan_path):
     inputs = make_inputs(2, 4, 3, 9, dtype=torch.float32)
     u = inputs["u"].requires_grad_(True)
     _, last = selective_scan_torch(u, inputs["delta"], inputs["A"], inputs["B"], inputs["C"],
@@ -241,7 +244,7 @@ def test_last_state_has_no_gradient_and_matches_reference():
     torch.testing.assert_close(last, last_ref.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_autocast_keeps_float32_state():
+def test_bfloat16_autocast_keeps_float32_state(scan_path):
     inputs = make_inputs(2, 8, 4, 30, dtype=torch.float32)
     low = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v)
            for k, v in inputs.items()}
@@ -309,7 +312,7 @@ def test_wrong_shapes_give_clear_errors(fn, name, bad_shape, pattern):
         fn(*(inputs[k] for k in ARG_NAMES))
 
 
-def test_transposed_view_layout_matches_reference(small_blocks):
+def test_transposed_view_layout_matches_reference(small_blocks, scan_path):
     """Mamba passes (B, L, D) tensors as (B, D, L) views; the fast scan takes them without
     copies and must give the reference's outputs and gradients in that layout too."""
     inputs = make_inputs(2, 8, 4, 23)
@@ -325,7 +328,7 @@ def test_transposed_view_layout_matches_reference(small_blocks):
 
 
 @pytest.mark.parametrize("backend", ["torch", "ref"])
-def test_lengths_freeze_the_state_past_each_sequence(backend, small_blocks):
+def test_lengths_freeze_the_state_past_each_sequence(backend, small_blocks, scan_path):
     """A padded batch (a full, a partial and an empty sequence) through selective_scan gives each
     sequence's own scan: outputs and input gradients zero past its length, last state at it."""
     inputs = make_inputs(3, 5, 3, 10)
@@ -372,7 +375,7 @@ def test_grouped_reference_is_one_scan_per_channel_group():
 @pytest.mark.parametrize("shape,groups", [((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2),
                                           ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, forward_kernel):
+def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, scan_path):
     """B, C (batch, G, d_state, L): outputs, all gradients, last state and the initial state's
     gradient equal the reference's, across block boundaries and a partial last block."""
     inputs = grouped_inputs(*shape, groups=groups, dtype=dtype)
@@ -420,18 +423,81 @@ def test_grouped_b_must_divide_channels():
         selective_scan_torch(**inputs)
 
 
-def test_compiled_kernel_is_used_when_available(forward_kernel, monkeypatch):
-    """With numba the forward calls the compiled kernel once per time block, and not otherwise."""
+def test_compiled_kernels_are_used_when_available(scan_path, monkeypatch):
+    """With numba a scan runs the compiled forward kernel once, and its backward the backward
+    kernel once; without, neither. The forward gives the same values with and without
+    gradients."""
     from modules.mamba import scan_cpu
 
     calls = []
-    kernel = scan_cpu.scan_block
-    monkeypatch.setattr(scan_cpu, "scan_block", lambda *a: calls.append(1) or kernel(*a))
-    monkeypatch.setattr(ss, "BLOCK_FLOATS", 300)
+    for name in ("fused_forward", "fused_backward"):
+        kernel = getattr(scan_cpu, name)
+        monkeypatch.setattr(scan_cpu, name,
+                            lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     inputs = make_inputs(2, 8, 4, 37, torch.float32)
-    selective_scan_torch(**inputs, delta_softplus=True)
-    blocks = -(-37 // ss._block_steps(2, 4, 8, 37))
-    assert len(calls) == (blocks if forward_kernel == "compiled" else 0)
+    with torch.no_grad():
+        plain = selective_scan_torch(**inputs, delta_softplus=True)
+    u = inputs.pop("u").requires_grad_(True)
+    out = selective_scan_torch(u, **inputs, delta_softplus=True)
+    out.sum().backward()
+    compiled = scan_path == "compiled"
+    assert calls == (["fused_forward", "fused_forward", "fused_backward"] if compiled else [])
+    assert torch.equal(out.detach(), plain)
+
+
+@pytest.mark.parametrize("batch,d_inner,d_state,length,groups", [
+    (2, 80, 4, 150, 2),  # channels not a multiple of CHANNEL_BLOCK, frames of TIME_TILE, every
+    (1, 6, 8, 70, 2),  # 3 channels per group: the backward splits them in 1 part
+    (3, 8, 16, 1, 1),  # one frame
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_kernels_tile_boundaries_match_reference(batch, d_inner, d_state, length, groups,
+                                                          dtype, monkeypatch):
+    """The compiled kernels cut channels into blocks, time into tiles and checkpoint blocks:
+    outputs, last state and all gradients (initial state included) equal the reference's
+    across every boundary and partial block."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    assert d_inner % scan_cpu.CHANNEL_BLOCK or d_inner < scan_cpu.CHANNEL_BLOCK
+    inputs = grouped_inputs(batch, d_inner, d_state, length, groups=groups, dtype=dtype)
+    h0 = torch.randn(batch, d_inner, d_state, dtype=dtype)
+    grad_out = torch.randn(batch, d_inner, length, dtype=dtype)
+    results = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        h0_leaf = h0.clone().requires_grad_(True)
+        run = run_scan(fn, inputs, grad_out, ARG_NAMES, True, initial_state=h0_leaf)
+        run["dh0"] = h0_leaf.grad
+        results.append(run)
+    ref, fast = results
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name in ref:
+        assert rel_err(fast[name], ref[name]) < tol, name
+
+
+def test_compiled_float32_decays_are_exp2_to_an_ulp():
+    """The float32 kernels compute 2^x with a polynomial and the exponent bits (numba has no
+    vectorised exp): within 2.5e-7 relative of exp2 over the decays' range, ~0 below 2^-126."""
+    import numpy as np
+
+    from modules.mamba import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    scan_cpu._kernel("forward")  # compiles _decays
+    x = np.concatenate([np.linspace(-126, 3, 200001), -np.logspace(-8, 0, 1001), [0.0]])
+    x = x.astype(np.float32)
+    A2 = x[None, :]
+    decay = np.empty(x.size, np.float32)
+    bits = np.empty(x.size, np.int32)
+    scan_cpu._decays(np.float32(1.0), A2, 0, decay, bits, False)
+    got = decay.astype(np.float64) * bits.view(np.float32)
+    want = np.exp2(x.astype(np.float64))
+    assert np.abs(got / want - 1).max() < 2.5e-7
+    scan_cpu._decays(np.float32(1.0), np.float32([[-200.0]]), 0, decay[:1], bits[:1], False)
+    assert decay[0] * bits[:1].view(np.float32)[0] < 1.5e-38  # below 2^-126: (near) zero
 
 
 def test_scan_after_inference_mode_scan():
@@ -471,7 +537,8 @@ def test_compiled_kernels_load_on_a_large_scan(min_work, expected, monkeypatch):
     monkeypatch.setattr(scan_cpu, "MIN_WORK", min_work)
     monkeypatch.setattr(scan_cpu, "_KERNELS", {})
     assert scan_cpu.usable_for(u, 4) is expected
-    monkeypatch.setattr(scan_cpu, "_KERNELS", {"scan": None})  # loaded by an earlier scan
+    assert scan_cpu.usable_for(u, 4, training=True)  # training: always worth loading
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {"forward": None})  # loaded by an earlier scan
     assert scan_cpu.usable_for(u, 4)
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     assert not scan_cpu.usable_for(u, 4)

@@ -8,8 +8,9 @@ B and C are (batch, d_state, L), or (batch, G, d_state, L) as in mamba-ssm: then
 both directions as one scan of 2 * d_inner channels in 2 groups).
 
 - ``selective_scan_ref``: plain sequential loop, autograd through it (tests, benchmarks).
-- ``selective_scan_torch``: fast pure-PyTorch scan with a hand-written backward (CPU, MPS); on
-  CPU its recurrence runs in a compiled loop when numba is installed (``scan_cpu``).
+- ``selective_scan_torch``: fast scan with a hand-written backward: on CPU with numba installed,
+  two compiled kernels (``scan_cpu``, forward and backward); else (and on MPS) blocked
+  pure-PyTorch code.
 - "cuda": mamba-ssm's compiled kernel (``selective_scan_cuda``), when it imports.
 - "triton": ``scan_triton.selective_scan_triton``, needs only the Triton that ships with
   PyTorch's CUDA wheels.
@@ -269,8 +270,7 @@ class _Blocks:
         # a chunk: whole blocks, ~CHUNK_FLOATS values per (w, batch, d_inner) buffer
         per_chunk = max(1, CHUNK_FLOATS // (T * batch * d_inner))
         self.chunk = W = min(self.length, T * per_chunk)
-        self.A2_dn = (A * LOG2E).contiguous()  # exp(dt A) = exp2(dt A log2 e)
-        self.A2 = self.A2_dn.t().contiguous()  # (n, d)
+        self.A2 = (A * LOG2E).t().contiguous()  # (n, d): exp(dt A) = exp2(dt A log2 e)
         self.B, self.C = _time_major_groups(B), _time_major_groups(C)  # (L, b, G, n)
         G = self.B.shape[2]
         self.group_size = d_inner // G
@@ -355,26 +355,6 @@ class _Blocks:
             x = spread
         return torch.bmm(x, M.transpose(1, 2), out=out)
 
-    def _decays_dn(self, T, dt):
-        """exp(dt A) (T, b, d, n) for the compiled kernels, in the dA buffer."""
-        b, d = dt.shape[1:]
-        dA = self.dA[:T].view(T, b, d, -1)
-        return torch.mul(dt[:, :, :, None], self.A2_dn, out=dA).exp2_()
-
-    def compiled_block(self, T, dt, dtu, B_t, C_t, state, out):
-        """The compiled forward of one block (scan_cpu): state (b, d, n) is advanced in place
-        and out (T, b, d) <- C . h."""
-        dA = self._decays_dn(T, dt)
-        return scan_cpu.scan_block(dA, dtu, B_t, C_t, state, out, self.group_size)
-
-    def compiled_states(self, T, dt, dtu, B_t, C_t, entry, out):
-        """Decays dA and states H, both (T, b, d, n), of one block from its entry state
-        (b, d, n), compiled; out (T, b, d) <- C . h."""
-        dA = self._decays_dn(T, dt)
-        H = self.H[:T].view(dA.shape)
-        scan_cpu.states_block(dA, dtu, B_t, C_t, entry, H, out, self.group_size)
-        return dA, H
-
     def adjoint(self, dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_nd, dA_nd, dB, dC):
         """Pure-PyTorch backward through one block: dA, H (T, b, n, d) from states(); entry
         (b, n, d); carry (b, n, d) = exp(dt A) * dL/dh of the frame after the block, updated
@@ -444,29 +424,19 @@ class _SelectiveScanFn(torch.autograd.Function):
                 entries[0].copy_(h0.transpose(1, 2))
             out = _empty_like_layout(u)
             y_c = blk.delta  # a block's delta is no longer needed once its states are computed
-            # compiled: the running state in (b, d, n) order, copied out at block boundaries
-            compiled = scan_cpu.usable_for(u, A.shape[1])
-            state = entries[0].transpose(1, 2).contiguous() if compiled else None
             for cs, blocks in blk.chunks():
                 blk.load_chunk(cs)
                 for k, bs in blocks:
                     pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
                     T = dt.shape[0]
-                    if state is not None:
-                        y = blk.compiled_block(T, dt, dtu, B_t, C_t, state, y_c[bs])
-                        if D is not None:
-                            y.addcmul_(u_t, D)
-                        if k + 1 < blk.n_blocks:
-                            entries[slot(k + 1)].copy_(state.transpose(1, 2))
-                    else:
-                        _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
-                        if k + 1 < blk.n_blocks:
-                            entries[slot(k + 1)].copy_(H[T - 1])
-                        y = blk.readout(H, C_t, u_t, y_c[bs])
+                    _, H = blk.states(T, dt, dtu, B_t, entries[slot(k)])
+                    if k + 1 < blk.n_blocks:
+                        entries[slot(k + 1)].copy_(H[T - 1])
+                    y = blk.readout(H, C_t, u_t, y_c[bs])
                     if z is not None:
                         y.mul_(torch.nn.functional.silu(blk.z[bs]))
                 blk.conv.store(y_c[: cs.stop - cs.start], out, cs)
-            last = state.clone() if state is not None else H[T - 1].transpose(1, 2).clone()
+            last = H[T - 1].transpose(1, 2).clone()
         ctx.delta_softplus = delta_softplus
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entries)
@@ -485,7 +455,6 @@ class _SelectiveScanFn(torch.autograd.Function):
                      backward=True) as blk:
             batch, d_inner, length = u.shape
             d_state = A.shape[1]
-            compiled = scan_cpu.usable_for(u, d_state)
             dout_c = blk.dout
             # time-major gradients overwrite a block's chunk inputs after their last use
             du_c, ddelta_c, dz_c = blk.u, blk.delta, blk.z
@@ -495,9 +464,9 @@ class _SelectiveScanFn(torch.autograd.Function):
             dB, dC = (u.new_empty(length, batch, n_groups, d_state) for _ in range(2))
             dD = None if D is None else D.new_zeros(d_inner)
             ddelta_bias = None if delta_bias is None else delta_bias.new_zeros(d_inner)
-            # dL/dA, and exp(dt_{t0} A) * dL/dh_{t0} of the later block, handed to the block
-            # before it: (d, n) and (b, d, n) compiled, (n, d) and (b, n, d) in PyTorch
-            A_k = A.contiguous() if compiled else A.t().contiguous()
+            # dL/dA (n, d), and exp(dt_{t0} A) * dL/dh_{t0} (b, n, d) of the later block, handed
+            # to the block before it
+            A_k = A.t().contiguous()
             dA_k = torch.zeros_like(A_k)
             carry = u.new_zeros(batch, *A_k.shape)
             for cs, blocks in blk.chunks(reverse=True):
@@ -507,14 +476,10 @@ class _SelectiveScanFn(torch.autograd.Function):
                     pre, dt, u_t, dtu, B_t, C_t = blk.load(cs, bs)
                     T = dt.shape[0]
                     ts = slice(cs.start + bs.start, cs.start + bs.stop)
-                    entry = entries[k].transpose(1, 2).contiguous() if compiled else entries[k]
+                    entry = entries[k]
                     dy = dout_c[bs]
-                    if compiled:
-                        dA, H = blk.compiled_states(T, dt, dtu, B_t, C_t, entry, blk.y[:T])
-                        y = blk.y[:T] if D is None else blk.y[:T].addcmul_(u_t, D)
-                    else:
-                        dA, H = blk.states(T, dt, dtu, B_t, entry)
-                        y = blk.readout(H, C_t, u_t, blk.y[:T]) if z is not None else None
+                    dA, H = blk.states(T, dt, dtu, B_t, entry)
+                    y = blk.readout(H, C_t, u_t, blk.y[:T]) if z is not None else None
                     if z is not None:
                         z_t = blk.z[bs]
                         dz_t = torch.ops.aten.silu_backward(y.mul_(dy), z_t)  # y dy silu'(z)
@@ -522,14 +487,8 @@ class _SelectiveScanFn(torch.autograd.Function):
                         dz_c[bs].copy_(dz_t)
                     if D is not None:
                         dD += (dy * u_t).sum((0, 1))
-                    if compiled:
-                        ddtu, ddt = (u.new_empty(T, batch, d_inner) for _ in range(2))
-                        scan_cpu.adjoint_block(dA, dtu, B_t, C_t, entry, H, dy, carry, A_k, dt,
-                                               dB[ts], dC[ts], ddtu, ddt, dA_k, blk.group_size,
-                                               blk.G[:T].view(dA.shape))
-                    else:
-                        ddtu, ddt = blk.adjoint(dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_k,
-                                                dA_k, dB[ts], dC[ts])
+                    ddtu, ddt = blk.adjoint(dA, H, entry, dt, dtu, dy, B_t, C_t, carry, A_k,
+                                            dA_k, dB[ts], dC[ts])
                     ddt.addcmul_(ddtu, u_t)
                     du_t = ddtu.mul_(dt)
                     if D is not None:
@@ -544,11 +503,11 @@ class _SelectiveScanFn(torch.autograd.Function):
                 for g_c, g in ((du_c, du), (ddelta_c, ddelta), (dz_c, dz)):
                     if g is not None:
                         blk.conv.store(g_c[:w], g, cs)
-        dh0 = (carry if compiled else carry.transpose(1, 2)) if ctx.has_h0 else None
+        dh0 = carry.transpose(1, 2) if ctx.has_h0 else None
         dB, dC = (g.permute(1, 2, 3, 0).contiguous() for g in (dB, dC))  # (b, G, n, L)
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
-        return du, ddelta, dA_k if compiled else dA_k.t(), dB, dC, dD, dz, ddelta_bias, dh0, None
+        return du, ddelta, dA_k.t(), dB, dC, dD, dz, ddelta_bias, dh0, None
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -565,12 +524,78 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                 else initial_state.detach().to(ct).clone())
         return (u.new_zeros(u.shape), last) if return_last_state else u.new_zeros(u.shape)
     cast = (lambda t: None if t is None else t.to(ct))
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    fn = _FusedScanFn if scan_cpu.usable_for(u, A.shape[1], training) else _SelectiveScanFn
     with _autocast_off(u.device.type):
-        out, last = _SelectiveScanFn.apply(
+        out, last = fn.apply(
             cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z), cast(delta_bias),
             cast(initial_state), bool(delta_softplus))
     out = out.to(u.dtype)
     return (out, last) if return_last_state else out
+
+
+def _time_last(x):
+    """(batch, c, L) -> contiguous (batch, L, c): free for the transposed views Mamba passes."""
+    return x.transpose(1, 2).contiguous()
+
+
+def _groups_time_last(x):
+    """B or C, (batch, n, L) or (batch, G, n, L) -> contiguous (batch, L, G, n) (G = 1 for
+    3-D input): free for the permuted views BiMamba passes."""
+    return (x[:, None] if x.dim() == 3 else x).permute(0, 3, 1, 2).contiguous()
+
+
+class _FusedScanFn(torch.autograd.Function):
+    """The scan as two compiled CPU kernels (scan_cpu.fused_forward / fused_backward) on
+    (batch, L, c) tensors: no time-major copies, decays computed in the kernels. The forward
+    keeps the state entering every `every` frames; the backward recomputes each block's states
+    from it. Step sizes (softplus), the z gate and their gradients stay in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
+        u_l, B_l, C_l = _time_last(u), _groups_time_last(B), _groups_time_last(C)
+        pre = _time_last(delta)
+        if delta_bias is not None:
+            pre = pre + delta_bias
+        dt = _softplus(pre, torch.empty_like(pre)) if delta_softplus else pre
+        z_l = None if z is None else _time_last(z)
+        gate = None if z is None else torch.nn.functional.silu(z_l)
+        state = (u.new_zeros(u.shape[0], *A.shape) if h0 is None
+                 else h0.contiguous().clone())
+        keep = any(ctx.needs_input_grad)
+        every = 2 * A.shape[1] if keep else 0  # checkpoints: half the size of u
+        group_size = A.shape[0] // B_l.shape[2]
+        y = scan_cpu.fused_forward(dt, u_l, gate, B_l, C_l, (A * LOG2E).contiguous(), D, state,
+                                   group_size, every)
+        if keep:
+            y, ckpt = y
+            ctx.save_for_backward(u_l, pre, A, B_l, C_l, D, z_l, ckpt)
+            ctx.meta = (delta_softplus, every, group_size, B.dim(), h0 is not None,
+                        delta_bias is not None)
+        ctx.mark_non_differentiable(state)
+        return y.transpose(1, 2), state
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u_l, pre, A, B_l, C_l, D, z_l, ckpt = ctx.saved_tensors
+        softplus, every, group_size, b_dims, has_h0, has_bias = ctx.meta
+        with _autocast_off(dout.device.type):
+            dt = _softplus(pre, torch.empty_like(pre)) if softplus else pre
+            dout = _time_last(dout)
+            dy = dout if z_l is None else dout * torch.nn.functional.silu(z_l)
+            ypre, ddt, du, dA, dD, dB, dC, dh0 = scan_cpu.fused_backward(
+                dt, u_l, dy, B_l, C_l, (A * LOG2E).contiguous(), A.contiguous(), D, ckpt, every,
+                group_size)
+            dz = None if z_l is None else torch.ops.aten.silu_backward(dout * ypre, z_l)
+            dpre = ddt.mul_(torch.sigmoid(pre)) if softplus else ddt
+            dB, dC = (g.permute(0, 2, 3, 1) for g in (dB, dC))  # (batch, G, n, L) views
+            if b_dims == 3:
+                dB, dC = dB[:, 0], dC[:, 0]
+            return (du.transpose(1, 2), dpre.transpose(1, 2), dA, dB, dC,
+                    None if D is None else dD, None if dz is None else dz.transpose(1, 2),
+                    dpre.sum((0, 1)) if has_bias else None, dh0 if has_h0 else None, None)
 
 
 def _mask_past_lengths(delta, delta_bias, delta_softplus, lengths):
