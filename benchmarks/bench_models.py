@@ -28,7 +28,8 @@ official code does).
 
 ConMamba's scan: compiled when numba is installed (modules/mamba/scan_cpu.py); for comparable
 rows set MAMBA_SCAN_NUMBA=1 (always compiled) or 0 (pure PyTorch): unset, the kernels load at the
-first large scan, so short rows measured before it run the pure-PyTorch scan.
+first large scan or the first with gradients, so short forward rows measured before it run the
+pure-PyTorch scan.
 
 Machine load matters: other processes on the same cores make every figure noisy; the load average is
 printed with the results.
