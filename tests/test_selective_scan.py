@@ -372,12 +372,17 @@ def test_grouped_reference_is_one_scan_per_channel_group():
         torch.testing.assert_close(last[:, cs], last_g, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2),
-                                          ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1)])
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2), ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1),
+    # compiled kernels: channels not a multiple of CHANNEL_BLOCK, frames past TIME_TILE and the
+    # checkpoint interval; 3 channels per group (the backward's single part); one frame, n = 16
+    ((2, 80, 4, 150), 2), ((1, 6, 8, 70), 2), ((3, 8, 16, 1), 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, scan_path):
     """B, C (batch, G, d_state, L): outputs, all gradients, last state and the initial state's
-    gradient equal the reference's, across block boundaries and a partial last block."""
+    gradient equal the reference's, across block boundaries and a partial last block (the
+    pure-PyTorch scan's time blocks; the compiled kernels' channel blocks, time tiles,
+    checkpoints and backward parts)."""
     inputs = grouped_inputs(*shape, groups=groups, dtype=dtype)
     h0 = torch.randn(shape[0], shape[1], shape[2], dtype=dtype)
     grad_out = torch.randn(shape[0], shape[1], shape[3], dtype=dtype)
@@ -443,38 +448,6 @@ def test_compiled_kernels_are_used_when_available(scan_path, monkeypatch):
     compiled = scan_path == "compiled"
     assert calls == (["fused_forward", "fused_forward", "fused_backward"] if compiled else [])
     assert torch.equal(out.detach(), plain)
-
-
-@pytest.mark.parametrize("batch,d_inner,d_state,length,groups", [
-    (2, 80, 4, 150, 2),  # channels not a multiple of CHANNEL_BLOCK, frames of TIME_TILE, every
-    (1, 6, 8, 70, 2),  # 3 channels per group: the backward splits them in 1 part
-    (3, 8, 16, 1, 1),  # one frame
-])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_kernels_tile_boundaries_match_reference(batch, d_inner, d_state, length, groups,
-                                                          dtype, monkeypatch):
-    """The compiled kernels cut channels into blocks, time into tiles and checkpoint blocks:
-    outputs, last state and all gradients (initial state included) equal the reference's
-    across every boundary and partial block."""
-    from modules.mamba import scan_cpu
-
-    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
-    if not scan_cpu.available():
-        pytest.skip("numba is not installed: no compiled CPU kernel")
-    assert d_inner % scan_cpu.CHANNEL_BLOCK or d_inner < scan_cpu.CHANNEL_BLOCK
-    inputs = grouped_inputs(batch, d_inner, d_state, length, groups=groups, dtype=dtype)
-    h0 = torch.randn(batch, d_inner, d_state, dtype=dtype)
-    grad_out = torch.randn(batch, d_inner, length, dtype=dtype)
-    results = []
-    for fn in (selective_scan_ref, selective_scan_torch):
-        h0_leaf = h0.clone().requires_grad_(True)
-        run = run_scan(fn, inputs, grad_out, ARG_NAMES, True, initial_state=h0_leaf)
-        run["dh0"] = h0_leaf.grad
-        results.append(run)
-    ref, fast = results
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    for name in ref:
-        assert rel_err(fast[name], ref[name]) < tol, name
 
 
 def test_compiled_float32_decays_are_exp2_to_an_ulp():
