@@ -375,8 +375,9 @@ def test_grouped_reference_is_one_scan_per_channel_group():
 @pytest.mark.parametrize("shape,groups", [
     ((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2), ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1),
     # compiled kernels: channels not a multiple of CHANNEL_BLOCK, frames past TIME_TILE and the
-    # checkpoint interval; 3 channels per group (the backward's single part); one frame, n = 16
-    ((2, 80, 4, 150), 2), ((1, 6, 8, 70), 2), ((3, 8, 16, 1), 1)])
+    # checkpoint interval; 3 channels per group (the backward's single part); an odd channel
+    # count; one frame, n = 16
+    ((2, 80, 4, 150), 2), ((1, 6, 8, 70), 2), ((2, 5, 4, 37), 1), ((3, 8, 16, 1), 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, scan_path):
     """B, C (batch, G, d_state, L): outputs, all gradients, last state and the initial state's
