@@ -474,6 +474,28 @@ def test_compiled_float32_decays_are_exp2_to_an_ulp():
     assert decay[0] * bits[:1].view(np.float32)[0] < 1.5e-38  # below 2^-126: (near) zero
 
 
+def test_a_scan_with_gradients_loads_the_compiled_kernels(monkeypatch):
+    """MAMBA_SCAN_NUMBA unset, kernels not loaded, a short scan: without gradients it runs the
+    pure-PyTorch scan; with gradients (training) the compiled kernels."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    monkeypatch.setattr(scan_cpu, "MIN_WORK", 10 ** 9)
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {})
+    calls = []
+    kernel = scan_cpu.fused_forward
+    monkeypatch.setattr(scan_cpu, "fused_forward",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    inputs = make_inputs(2, 8, 4, 37, torch.float32)
+    selective_scan_torch(**inputs, delta_softplus=True)
+    assert calls == []
+    inputs["delta"].requires_grad_(True)
+    selective_scan_torch(**inputs, delta_softplus=True).sum().backward()
+    assert calls == [1] and inputs["delta"].grad is not None
+
+
 def test_scan_after_inference_mode_scan():
     """The scratch buffers a scan keeps from inside torch.inference_mode() (the transcriber) are
     not reused outside it, where inference tensors cannot be written."""

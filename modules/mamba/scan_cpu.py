@@ -260,6 +260,8 @@ def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, parts, e
 
 
 _decays = _decays_impl  # compiled by _kernel, like prange
+
+
 def _run(name, *args):
     """Runs a compiled kernel on as many threads as PyTorch uses (torch.set_num_threads);
     tensors go in as numpy views (CPU, contiguous)."""
