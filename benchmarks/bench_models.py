@@ -28,8 +28,8 @@ official code does).
 
 ConMamba's scan: compiled when numba is installed (modules/mamba/scan_cpu.py); for comparable
 rows set MAMBA_SCAN_NUMBA=1 (always compiled) or 0 (pure PyTorch): unset, the kernels load at the
-first large scan or the first with gradients, so short forward rows measured before it run the
-pure-PyTorch scan.
+first scan with gradients or once the pure-PyTorch scans add up to scan_cpu.LOAD_AFTER state
+updates, so short forward rows measured before it run the pure-PyTorch scan.
 
 Machine load matters: other processes on the same cores make every figure noisy; the load average is
 printed with the results.
@@ -472,7 +472,8 @@ def main():
     from modules.mamba import scan_cpu
 
     scan = {"0": "pure PyTorch", "1": "compiled (numba)"}.get(
-        os.environ.get("MAMBA_SCAN_NUMBA"), "compiled from the first scan of >= 2^24 updates")
+        os.environ.get("MAMBA_SCAN_NUMBA"),
+        f"compiled once pure-PyTorch scans reach {scan_cpu.LOAD_AFTER} state updates")
     print(f"CPU scan: {scan if scan_cpu.available() else 'pure PyTorch (numba not installed)'}")
     tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(

@@ -1,6 +1,8 @@
 """The fast selective scan (pure PyTorch, and the compiled CPU kernels) against the sequential
 reference, and backend selection."""
 
+import os
+
 import pytest
 import torch
 
@@ -374,16 +376,16 @@ def test_grouped_reference_is_one_scan_per_channel_group():
 
 @pytest.mark.parametrize("shape,groups", [
     ((2, 8, 4, 1), 2), ((2, 8, 4, 37), 2), ((3, 12, 8, 70), 3), ((1, 8, 4, 23), 1),
-    # compiled kernels: channels not a multiple of CHANNEL_BLOCK, frames past TIME_TILE and the
-    # checkpoint interval; 3 channels per group (the backward's single part); an odd channel
-    # count; one frame, n = 16
-    ((2, 80, 4, 150), 2), ((1, 6, 8, 70), 2), ((2, 5, 4, 37), 1), ((3, 8, 16, 1), 1)])
+    # compiled kernels: groups of a full and a partial channel block (CHANNEL_BLOCK = 64) and
+    # frames past the checkpoint interval; two full blocks; 3 channels per group; an odd
+    # channel count; one frame, n = 16
+    ((2, 200, 4, 150), 2), ((1, 128, 4, 40), 1), ((1, 6, 8, 70), 2), ((2, 5, 4, 37), 1),
+    ((3, 8, 16, 1), 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_fast_scan_matches_reference(shape, groups, dtype, small_blocks, scan_path):
     """B, C (batch, G, d_state, L): outputs, all gradients, last state and the initial state's
     gradient equal the reference's, across block boundaries and a partial last block (the
-    pure-PyTorch scan's time blocks; the compiled kernels' channel blocks, time tiles,
-    checkpoints and backward parts)."""
+    pure-PyTorch scan's time blocks; the compiled kernels' channel blocks and checkpoints)."""
     inputs = grouped_inputs(*shape, groups=groups, dtype=dtype)
     h0 = torch.randn(shape[0], shape[1], shape[2], dtype=dtype)
     grad_out = torch.randn(shape[0], shape[1], shape[3], dtype=dtype)
@@ -409,8 +411,8 @@ def test_compiled_kernels_do_not_depend_on_the_thread_count(monkeypatch):
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
     if not scan_cpu.available():
         pytest.skip("numba is not installed: no compiled CPU kernel")
-    inputs = grouped_inputs(3, 64, 8, 90, groups=2, dtype=torch.float32)
-    grad_out = torch.randn(3, 64, 90)
+    inputs = grouped_inputs(3, 160, 8, 90, groups=2, dtype=torch.float32)
+    grad_out = torch.randn(3, 160, 90)
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -460,18 +462,13 @@ def test_compiled_float32_decays_are_exp2_to_an_ulp():
 
     if not scan_cpu.available():
         pytest.skip("numba is not installed: no compiled CPU kernel")
-    scan_cpu._kernel("forward")  # compiles _decays
-    x = np.concatenate([np.linspace(-126, 3, 200001), -np.logspace(-8, 0, 1001), [0.0]])
-    x = x.astype(np.float32)
-    A2 = x[None, :]
-    decay = np.empty(x.size, np.float32)
-    bits = np.empty(x.size, np.int32)
-    scan_cpu._decays(np.float32(1.0), A2, 0, decay, bits, False)
-    got = decay.astype(np.float64) * bits.view(np.float32)
-    want = np.exp2(x.astype(np.float64))
+    scan_cpu._kernel("forward")  # compiles _exp2
+    x = np.concatenate([np.linspace(-126, 3, 100001), -np.logspace(-8, 0, 1001), [0.0]])
+    got = np.array([scan_cpu._exp2(v, False) for v in x.astype(np.float32)])
+    want = np.exp2(x.astype(np.float32).astype(np.float64))
     assert np.abs(got / want - 1).max() < 2.5e-7
-    scan_cpu._decays(np.float32(1.0), np.float32([[-200.0]]), 0, decay[:1], bits[:1], False)
-    assert decay[0] * bits[:1].view(np.float32)[0] < 1.5e-38  # below 2^-126: (near) zero
+    assert scan_cpu._exp2(np.float32(-200.0), False) < 1.5e-38  # below 2^-126: (near) zero
+    assert scan_cpu._exp2(np.float64(-3.3), True) == np.exp2(-3.3)  # float64: exact
 
 
 def test_a_scan_with_gradients_loads_the_compiled_kernels(monkeypatch):
@@ -482,7 +479,8 @@ def test_a_scan_with_gradients_loads_the_compiled_kernels(monkeypatch):
     monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
     if not scan_cpu.available():
         pytest.skip("numba is not installed: no compiled CPU kernel")
-    monkeypatch.setattr(scan_cpu, "MIN_WORK", 10 ** 9)
+    monkeypatch.setattr(scan_cpu, "LOAD_AFTER", 10 ** 9)
+    monkeypatch.setattr(scan_cpu, "_torch_work", 0)
     monkeypatch.setattr(scan_cpu, "_KERNELS", {})
     calls = []
     kernel = scan_cpu.fused_forward
@@ -509,7 +507,7 @@ def test_scan_after_inference_mode_scan():
 
 
 def test_importing_the_mamba_modules_does_not_import_numba():
-    """numba's import is part of loading the kernels (a large scan's cost, see usable_for),
+    """numba's import is part of loading the kernels (see usable_for),
     never of importing the modules: a short transcription does not pay it."""
     import subprocess
     import sys
@@ -520,21 +518,48 @@ def test_importing_the_mamba_modules_does_not_import_numba():
     assert result.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("min_work,expected", [(10 ** 9, False), (0, True)])
-def test_compiled_kernels_load_on_a_large_scan(min_work, expected, monkeypatch):
-    """MAMBA_SCAN_NUMBA unset: a scan below MIN_WORK state updates does not load the kernels
-    (a second per process) unless they are loaded already; one above it does."""
+def test_loading_the_compiled_kernels_keeps_the_thread_count():
+    """Starting numba's thread pool (its own OpenMP runtime) resets PyTorch's thread count to
+    every core: the first compiled scan of a process restores the count the user set."""
+    import subprocess
+    import sys
+
+    from modules.mamba import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from modules.mamba.scan import selective_scan_torch\n"
+            "u, delta, z = torch.randn(3, 1, 8, 20).unbind(0); B, C = torch.randn(2, 1, 4, 20)\n"
+            "selective_scan_torch(u, delta, -torch.ones(8, 4), B, C, z=z)\n"
+            "from modules.mamba import scan_cpu; print(bool(scan_cpu._KERNELS), "
+            "torch.get_num_threads())")
+    env = dict(os.environ, MAMBA_SCAN_NUMBA="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env=env)
+    assert result.stdout.split() == ["True", "1"]
+
+
+def test_compiled_kernels_load_once_pure_pytorch_scans_add_up(monkeypatch):
+    """MAMBA_SCAN_NUMBA unset: scans without gradients run in pure PyTorch until their state
+    updates add up to LOAD_AFTER (loading the kernels costs more than a short file's scans);
+    the scan that reaches it loads them, and every later scan uses them."""
     from modules.mamba import scan_cpu
 
     monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
     if not scan_cpu.available():
         pytest.skip("numba is not installed: no compiled CPU kernel")
-    u = torch.zeros(2, 8, 37)
-    monkeypatch.setattr(scan_cpu, "MIN_WORK", min_work)
+    u = torch.zeros(2, 8, 37)  # 2 * 8 * 37 * 4 = 2368 state updates with d_state 4
+    monkeypatch.setattr(scan_cpu, "LOAD_AFTER", 3 * 2368)
+    monkeypatch.setattr(scan_cpu, "_torch_work", 0)
     monkeypatch.setattr(scan_cpu, "_KERNELS", {})
-    assert scan_cpu.usable_for(u, 4) is expected
+    assert [scan_cpu.usable_for(u, 4) for _ in range(2)] == [False, False]
     assert scan_cpu.usable_for(u, 4, training=True)  # training: always worth loading
+    assert scan_cpu.usable_for(u, 4)  # the third brings the total to LOAD_AFTER
+    monkeypatch.setattr(scan_cpu, "_torch_work", 0)
     monkeypatch.setattr(scan_cpu, "_KERNELS", {"forward": None})  # loaded by an earlier scan
     assert scan_cpu.usable_for(u, 4)
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {})
+    assert scan_cpu.usable_for(torch.zeros(1, 8, 3 * 2368 // 32 + 1), 4)  # one large scan
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     assert not scan_cpu.usable_for(u, 4)

@@ -1,8 +1,9 @@
 """Optional compiled CPU kernels for the selective scan (numba): the whole scan in two kernels.
 
-With numba installed (wheels for Linux and macOS), the scan's forward is ONE compiled pass per
-channel over time, channels in parallel on PyTorch's thread count, on the (batch, L, c) layout of
-Mamba's activations (no transposes, no buffer of decays):
+With numba installed (wheels for Linux and macOS), the scan's forward is ONE compiled pass over
+time per block of CHANNEL_BLOCK channels, the blocks in parallel on PyTorch's thread count, on the
+(batch, L, c) layout of Mamba's activations (no transposes, no buffer of decays); the channels of
+a block, adjacent in memory, are the vector lanes of the innermost loops:
 
     h[b, c, :] = exp(dt[b, t, c] A[c, :]) * h[b, c, :] + dt[b, t, c] u[b, t, c] B[b, t, g(c), :]
     y[b, t, c] = (C[b, t, g(c), :] . h[b, c, :] + D[c] u[b, t, c]) * gate[b, t, c]
@@ -21,8 +22,9 @@ import os
 import numpy as np
 import torch
 
-MIN_WORK = 1 << 24  # batch * d_inner * L * d_state of the first scan that loads the kernels
+LOAD_AFTER = 1 << 29  # state updates of pure-PyTorch scans in a process after which kernels load
 _KERNELS = {}
+_torch_work = 0  # state updates (batch * d_inner * L * d_state) the pure-PyTorch scans have done
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,20 +39,24 @@ def available():
 
 def usable_for(u, d_state, training=False):
     """Whether the scan of u (batch, d_inner, L) with d_state states runs compiled: CPU float32
-    or float64 tensors and available(). Importing numba and loading the kernels costs about a
-    second per process (compiling them, the first time, a few seconds): more than they save on
-    a few seconds of audio, nothing against a training run. So unless MAMBA_SCAN_NUMBA=1, the
-    kernels are first loaded by a scan with gradients (training) or by one of at least MIN_WORK
-    state updates, and then used for every scan."""
+    or float64 tensors and available(). Importing numba and loading the kernels costs about half
+    a second per process (compiling them, the first time on a machine, ~15 s): more than they
+    save on one short file (a 10 s utterance scans in less), little against a long file or a
+    stream of files. So unless MAMBA_SCAN_NUMBA=1, the kernels are first loaded by a scan with
+    gradients (training), or by the scan that brings this process's pure-PyTorch scans to
+    LOAD_AFTER state updates in all (about as long as loading takes: pay the rent until it
+    reaches the price), and then used for every scan."""
+    global _torch_work
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not available():
         return False
     if os.environ.get("MAMBA_SCAN_NUMBA") == "1" or _KERNELS or training:
         return True
-    return u.numel() * d_state >= MIN_WORK
+    _torch_work += u.numel() * d_state
+    return _torch_work >= LOAD_AFTER
 
 
 def _kernel(name):
-    global prange, _decays
+    global prange, _as_float32, _exp2, _channel_block, _forward_steps, _backward_block
     if name not in _KERNELS:
         try:
             import numba
@@ -58,24 +64,40 @@ def _kernel(name):
             numba = None
         else:
             prange = numba.prange  # read by numba when it compiles the kernels below
-            _decays = numba.njit(inline="always", boundscheck=False, error_model="numpy",
-                                 fastmath={"reassoc", "contract"})(_decays_impl)
+            _as_float32 = _bitcast_intrinsic(numba)
+            helper = numba.njit(inline="always", boundscheck=False, error_model="numpy",
+                                fastmath=FASTMATH)
+            _exp2 = helper(_exp2_impl)
+            _channel_block = helper(_channel_block_impl)
+            _forward_steps = helper(_forward_steps_impl)
+            _backward_block = helper(_backward_block_impl)
         for key, fn in (("forward", _fused_forward), ("backward", _fused_backward)):
-            # reassoc: the d_state sums may be vectorised (summation order differs from bmm's);
-            # parallel: the channel loops (prange) are shared among numba's threads
+            # parallel: the channel blocks (prange) are shared among numba's threads
             _KERNELS[key] = None if numba is None else numba.njit(
                 cache=True, boundscheck=False, error_model="numpy", parallel=True,
-                fastmath={"reassoc", "contract"})(fn)
+                fastmath=FASTMATH)(fn)
     return _KERNELS[name]
 
 
+def _bitcast_intrinsic(numba):
+    """An int32 -> float32 bitcast for numba (its scalar code has none; one LLVM instruction)."""
+    from llvmlite import ir
+
+    @numba.extending.intrinsic
+    def as_float32(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return numba.types.float32(numba.types.int32), codegen
+    return as_float32
+
+
 # The kernels' channel loop; _kernel makes it numba.prange before compiling them (importing numba
-# here would cost every process ~0.2-0.4 s at start-up, see usable_for).
+# here would cost every process ~0.15 s at start-up, see usable_for).
 prange = range
 
-
-CHANNEL_BLOCK = 32  # channels per parallel job of the forward kernel
-TIME_TILE = 64  # frames per channel before the job moves to its next channel
+# reassoc: the sums over channels (dB, dC) may be vectorised, their order differs from bmm's
+FASTMATH = {"reassoc", "contract"}
+CHANNEL_BLOCK = 64  # channels per parallel job: the vector lanes of the kernels' inner loops
 # 2^f for f in [-1/2, 1/2]: degree-6 coefficients fitted for this project (least squares weighted
 # towards the largest relative error): max relative error 2e-9 in exact arithmetic, ~1e-7 (one
 # float32 ulp) evaluated in float32
@@ -84,182 +106,211 @@ EXP2_POLY = (1.0, 6.93147206e-01, 2.40226469e-01, 5.55032786e-02, 9.61848864e-03
 P0, P1, P2, P3, P4, P5, P6 = EXP2_POLY
 
 
-def _decays_impl(step, A2, c, decay, bits, exact):
-    """decay[k] * scale[k] = 2^(step A2[c, k]) (scale: the float32 view of bits). numba has no
-    vectorised exp (llvmlite has no vector math library): float32 evaluates EXP2_POLY on the
-    fraction and writes the integer part into the exponent bits, one vectorised loop over the
-    states; exact=True (float64) calls np.exp2 and sets scale to 1."""
+def _exp2_impl(v, exact):
+    """2^v. numba has no vectorised exp (llvmlite ships no vector math library): in float32,
+    EXP2_POLY on the fraction times the integer part written into a float's exponent bits, which
+    vectorises; exact=True (float64) calls np.exp2."""
     if exact:
-        for k in range(decay.shape[0]):
-            decay[k] = np.exp2(step * A2[c, k])
-            bits[k] = np.int32(127) << np.int32(23)
-        return
-    for k in range(decay.shape[0]):  # float32 constants: float64 ones would promote
-        v = min(max(step * A2[c, k], np.float32(-126.0)), np.float32(126.0))
-        r = np.floor(v + np.float32(0.5))
-        f = v - r
-        p = np.float32(P6) * f + np.float32(P5)
-        p = p * f + np.float32(P4)
-        p = p * f + np.float32(P3)
-        p = p * f + np.float32(P2)
-        p = p * f + np.float32(P1)
-        decay[k] = p * f + np.float32(P0)
-        bits[k] = (np.int32(r) + np.int32(127)) << np.int32(23)
+        return np.exp2(v)
+    v = min(max(v, np.float32(-126.0)), np.float32(126.0))  # float32 constants: float64 ones
+    r = np.floor(v + np.float32(0.5))                        # would promote
+    f = v - r
+    p = np.float32(P6) * f + np.float32(P5)
+    p = p * f + np.float32(P4)
+    p = p * f + np.float32(P3)
+    p = p * f + np.float32(P2)
+    p = p * f + np.float32(P1)
+    p = p * f + np.float32(P0)
+    return p * _as_float32((np.int32(r) + np.int32(127)) << np.int32(23))
+
+
+def _forward_steps_impl(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs, step, x,
+                        acc, has_gate, exact):
+    """_fused_forward for the channels c0 ... c0 + width - 1 (group g) of sequence b, all frames;
+    hs (n, width) the state, a2 (n, width) A2 transposed; step, x, acc: scratch (width,). The
+    inner loops run over the channels (contiguous in (batch, L, c)): the vector lanes. Inputs
+    are copied to the scratch arrays once per frame: read in the loop over states, they would be
+    reloaded for every state (the compiler cannot tell that hs does not overlap them)."""
+    d_state = a2.shape[0]
+    for t in range(dt.shape[1]):
+        if every > 0 and t % every == 0:
+            for k in range(d_state):
+                for j in range(width):
+                    ckpt[b, t // every, k, c0 + j] = hs[k, j]
+        for j in range(width):
+            step[j] = dt[b, t, c0 + j]
+            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
+            acc[j] = D[c0 + j] * u[b, t, c0 + j]
+        for k in range(d_state):
+            b_k = B[b, t, g, k]
+            c_k = C[b, t, g, k]
+            for j in range(width):
+                s = _exp2(step[j] * a2[k, j], exact) * hs[k, j] + x[j] * b_k
+                hs[k, j] = s
+                acc[j] += c_k * s
+        for j in range(width):
+            y[b, t, c0 + j] = acc[j] * gate[b, t, c0 + j] if has_gate else acc[j]
+
+
+def _channel_block_impl(job, groups, per_group, group_size):
+    """Job -> (sequence, group, part, first channel, width): channel blocks never cross groups."""
+    b = job // (groups * per_group)
+    g = (job // per_group) % groups
+    part = job % per_group
+    c0 = g * group_size + part * CHANNEL_BLOCK
+    return b, g, part, c0, min(CHANNEL_BLOCK, (g + 1) * group_size - c0)
 
 
 def _fused_forward(dt, u, gate, B, C, A2, D, h, y, ckpt, every, group_size, has_gate, exact):
-    """The forward of a scan, one pass over time per channel, channels in parallel:
+    """The forward of a scan, one pass over time, blocks of channels in parallel:
 
         h = 2^(dt A2) * h + dt u B;   y = (C . h + D u) * gate (if has_gate)
 
     dt (step sizes after bias and softplus), u, gate, y: (batch, L, c), the layout of Mamba's
     activations (no transposes); B, C (batch, L, G, n); A2 = A log2(e) (c, n); D (c,) (zeros
     without D); h (batch, c, n): entry state, updated in place to the last state. every > 0:
-    the state entering frame j * every is stored in ckpt[:, j] (batch, ceil(L / every), c, n)
-    for the backward. Each job takes CHANNEL_BLOCK channels of one sequence through time in
-    tiles of TIME_TILE frames: walking one channel through all of a long sequence touches a
-    new page per frame in each (batch, L, c) array. The decays are computed per step
-    (_decays), not read from a buffer written by torch: several MB per call, which made a
-    kernel reading them memory-bound."""
-    batch, length, channels = dt.shape
-    d_state = A2.shape[1]
-    n_blocks = -(-channels // CHANNEL_BLOCK)
-    for job in prange(batch * n_blocks):
-        b = job // n_blocks
-        first = (job % n_blocks) * CHANNEL_BLOCK
-        last = min(channels, first + CHANNEL_BLOCK)
-        states = np.empty((last - first, d_state), h.dtype)
-        state = np.empty(d_state, h.dtype)  # a fresh array: known not to overlap the others
-        decay = np.empty(d_state, h.dtype)
-        bits = np.empty(d_state, np.int32)
-        scale = bits.view(np.float32)
-        for c in range(first, last):
-            for k in range(d_state):
-                states[c - first, k] = h[b, c, k]
-        for t0 in range(0, length, TIME_TILE):
-            for c in range(first, last):
-                g = c // group_size
-                d_c = D[c]
-                state[:] = states[c - first]
-                for t in range(t0, min(length, t0 + TIME_TILE)):
-                    if every > 0 and t % every == 0:
-                        for k in range(d_state):
-                            ckpt[b, t // every, c, k] = state[k]
-                    step = dt[b, t, c]
-                    x = step * u[b, t, c]
-                    _decays(step, A2, c, decay, bits, exact)
-                    acc = x - x
-                    for k in range(d_state):
-                        s = decay[k] * scale[k] * state[k] + x * B[b, t, g, k]
-                        state[k] = s
-                        acc += C[b, t, g, k] * s
-                    out = acc + d_c * u[b, t, c]
-                    y[b, t, c] = out * gate[b, t, c] if has_gate else out
-                states[c - first] = state
-        for c in range(first, last):
-            for k in range(d_state):
-                h[b, c, k] = states[c - first, k]
-
-
-def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, parts, exact,
-                    ypre, ddt, du, dA, dD, dB, dC, dh0):
-    """Backward of _fused_forward. dy (batch, L, c): gradient of y before the gate (dL/dy
-    times the gate). Blocks of `every` frames from the last; in each, per channel, the states
-    are recomputed from the block's checkpoint, then the adjoint g_t = dL/dh_t = C_t dy_t +
-    exp(dt_{t+1} A) g_{t+1} runs back through it. Writes (all preallocated):
-    ypre (batch, L, c) = C . h + D u (for the gate's gradient); ddt = dL/d(dt) and du
-    (batch, L, c); dA (batch, c, n) and dD (batch, c): per sequence, summed by the caller;
-    dB, dC (parts, batch, L, G, n): each part of a group's channels sums its channels'
-    dt u g_t and dy_t h_t (in a small per-block tile), the caller sums the parts (a fixed
-    split: results do not depend on the thread count); dh0 (batch, c, n) = dL/dh of the
-    entry state. Jobs (sequence, group, part) run in parallel; every write is the job's own."""
+    the state entering frame j * every is stored in ckpt[:, j] (batch, ceil(L / every), n, c)
+    for the backward. Each job takes CHANNEL_BLOCK channels of one sequence (of one group)
+    through time; its state (n, CHANNEL_BLOCK) stays in cache and the decays are computed per
+    step (_exp2), not read from a buffer."""
     batch, length, channels = dt.shape
     d_state = A2.shape[1]
     groups = channels // group_size
-    per_part = group_size // parts
-    n_blocks = ckpt.shape[1]
-    for job in prange(batch * groups * parts):
-        b = job // (groups * parts)
-        g = (job // parts) % groups
-        part = job % parts
-        first = g * group_size + part * per_part
-        H = np.empty((every + 1, d_state), dt.dtype)
-        decays = np.empty((every, d_state), dt.dtype)
-        bits = np.empty((every, d_state), np.int32)
-        scales = bits.view(np.float32)
-        adj = np.empty(d_state, dt.dtype)
-        cj = np.empty(d_state, dt.dtype)
-        ga = np.empty(d_state, dt.dtype)
-        tile_b = np.empty((every, d_state), dt.dtype)
-        tile_c = np.empty((every, d_state), dt.dtype)
-        carry = np.zeros((per_part, d_state), dt.dtype)
-        grad_a = np.zeros((per_part, d_state), dt.dtype)
-        grad_d = np.zeros(per_part, dt.dtype)
-        for blk in range(n_blocks - 1, -1, -1):
+    per_group = -(-group_size // CHANNEL_BLOCK)
+    for job in prange(batch * groups * per_group):
+        b, g, _, c0, width = _channel_block(job, groups, per_group, group_size)
+        a2 = np.empty((d_state, CHANNEL_BLOCK), h.dtype)
+        hs = np.empty((d_state, CHANNEL_BLOCK), h.dtype)
+        step = np.empty(CHANNEL_BLOCK, h.dtype)
+        x = np.empty(CHANNEL_BLOCK, h.dtype)
+        acc = np.empty(CHANNEL_BLOCK, h.dtype)
+        for k in range(d_state):
+            for j in range(width):
+                a2[k, j] = A2[c0 + j, k]
+                hs[k, j] = h[b, c0 + j, k]
+        if width == CHANNEL_BLOCK:  # a constant trip count for the compiler
+            _forward_steps(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, CHANNEL_BLOCK, a2, hs,
+                           step, x, acc, has_gate, exact)
+        else:
+            _forward_steps(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs, step, x,
+                           acc, has_gate, exact)
+        for k in range(d_state):
+            for j in range(width):
+                h[b, c0 + j, k] = hs[k, j]
+
+
+def _backward_block_impl(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0, width, t0,
+                         steps, a2, ak, H, dec, adj, grad_a, grad_d, scratch, zero, exact):
+    """_fused_backward for frames t0 ... t0 + steps - 1 of channels c0 ... c0 + width - 1:
+    H[0] (n, width) holds the state entering t0; adj (n, width) the adjoint entering from
+    t0 + steps; grad_a (n, width), grad_d (width,) accumulate; scratch (5, width) (see
+    _forward_steps); zero: 0 in the dtype of the sums."""
+    d_state = a2.shape[0]
+    step, x, gy, acc_u, acc_a = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    for i in range(steps):  # recompute the states (H[i + 1] after frame t0 + i) and decays
+        t = t0 + i
+        for j in range(width):
+            step[j] = dt[b, t, c0 + j]
+            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
+            acc_u[j] = D[c0 + j] * u[b, t, c0 + j]
+        for k in range(d_state):
+            b_k = B[b, t, g, k]
+            c_k = C[b, t, g, k]
+            for j in range(width):
+                d = _exp2(step[j] * a2[k, j], exact)
+                dec[i, k, j] = d
+                s = d * H[i, k, j] + x[j] * b_k
+                H[i + 1, k, j] = s
+                acc_u[j] += c_k * s
+        for j in range(width):
+            ypre[b, t, c0 + j] = acc_u[j]
+    for i in range(steps - 1, -1, -1):  # adjoint: adj_t = C_t dy_t + exp(dt_{t+1} A) adj_{t+1}
+        t = t0 + i
+        for j in range(width):
+            step[j] = dt[b, t, c0 + j]
+            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
+            gy[j] = dy[b, t, c0 + j]
+            acc_u[j] = 0.0
+            acc_a[j] = 0.0
+        for k in range(d_state):
+            b_k = B[b, t, g, k]
+            c_k = C[b, t, g, k]
+            sum_b = zero
+            sum_c = zero
+            for j in range(width):
+                a = c_k * gy[j] + adj[k, j]
+                acc_u[j] += b_k * a
+                q = a * H[i, k, j] * dec[i, k, j]  # dL/d(dt A) at (t, k)
+                acc_a[j] += q * ak[k, j]
+                grad_a[k, j] += q * step[j]
+                adj[k, j] = dec[i, k, j] * a
+                sum_b += a * x[j]
+                sum_c += gy[j] * H[i + 1, k, j]
+            dB[part, b, t, g, k] = sum_b
+            dC[part, b, t, g, k] = sum_c
+        for j in range(width):
+            u_t = u[b, t, c0 + j]
+            ddt[b, t, c0 + j] = acc_u[j] * u_t + acc_a[j]
+            du[b, t, c0 + j] = acc_u[j] * step[j] + gy[j] * D[c0 + j]
+            grad_d[j] += gy[j] * u_t
+
+
+def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, exact,
+                    ypre, ddt, du, dA, dD, dB, dC, dh0):
+    """Backward of _fused_forward. dy (batch, L, c): gradient of y before the gate (dL/dy
+    times the gate). Per channel block, blocks of `every` frames from the last: the states are
+    recomputed from the block's checkpoint, then the adjoint runs back through it. Writes (all
+    preallocated): ypre (batch, L, c) = C . h + D u (for the gate's gradient); ddt = dL/d(dt)
+    and du (batch, L, c); dA (batch, c, n) and dD (batch, c): per sequence, summed by the
+    caller; dB, dC (parts, batch, L, G, n): part p sums the p-th channel block of each group,
+    the caller sums the parts (a fixed split: results do not depend on the thread count);
+    dh0 (batch, c, n) = dL/dh of the entry state. Jobs as in _fused_forward; every write is
+    the job's own."""
+    batch, length, channels = dt.shape
+    d_state = A2.shape[1]
+    groups = channels // group_size
+    per_group = -(-group_size // CHANNEL_BLOCK)
+    for job in prange(batch * groups * per_group):
+        b, g, part, c0, width = _channel_block(job, groups, per_group, group_size)
+        a2 = np.empty((d_state, CHANNEL_BLOCK), dt.dtype)
+        ak = np.empty((d_state, CHANNEL_BLOCK), dt.dtype)
+        H = np.empty((every + 1, d_state, CHANNEL_BLOCK), dt.dtype)
+        dec = np.empty((every, d_state, CHANNEL_BLOCK), dt.dtype)
+        adj = np.zeros((d_state, CHANNEL_BLOCK), dt.dtype)
+        grad_a = np.zeros((d_state, CHANNEL_BLOCK), dt.dtype)
+        grad_d = np.zeros(CHANNEL_BLOCK, dt.dtype)
+        scratch = np.empty((5, CHANNEL_BLOCK), dt.dtype)
+        zero = np.zeros(1, dt.dtype)[0]
+        for k in range(d_state):
+            for j in range(width):
+                a2[k, j] = A2[c0 + j, k]
+                ak[k, j] = A[c0 + j, k]
+        for blk in range(ckpt.shape[1] - 1, -1, -1):
             t0 = blk * every
-            steps = min(length - t0, every)
-            tile_b[:] = 0.0
-            tile_c[:] = 0.0
-            for j in range(per_part):
-                c = first + j
-                d_c = D[c]
-                for k in range(d_state):
-                    H[0, k] = ckpt[b, blk, c, k]
-                a_c = A[c]
-                cj[:] = carry[j]  # fresh arrays (known not to overlap the others) in the loops
-                ga[:] = grad_a[j]
-                for i in range(steps):
-                    t = t0 + i
-                    step = dt[b, t, c]
-                    x = step * u[b, t, c]
-                    dec, prev, cur, b_t, c_t = decays[i], H[i], H[i + 1], B[b, t, g], C[b, t, g]
-                    _decays(step, A2, c, dec, bits[i], exact)
-                    scale = scales[i]
-                    acc = x - x
-                    for k in range(d_state):
-                        dec[k] *= scale[k]
-                        s = dec[k] * prev[k] + x * b_t[k]
-                        cur[k] = s
-                        acc += c_t[k] * s
-                    ypre[b, t, c] = acc + d_c * u[b, t, c]
-                for i in range(steps - 1, -1, -1):
-                    t = t0 + i
-                    step = dt[b, t, c]
-                    u_t = u[b, t, c]
-                    x = step * u_t
-                    gy = dy[b, t, c]
-                    dec, prev, cur, b_t, c_t = decays[i], H[i], H[i + 1], B[b, t, g], C[b, t, g]
-                    acc_u = x - x
-                    acc_a = x - x
-                    for k in range(d_state):
-                        a = c_t[k] * gy + cj[k]
-                        adj[k] = a
-                        acc_u += b_t[k] * a
-                        q = a * prev[k] * dec[k]  # dL/d(dt A) at (t, k)
-                        acc_a += q * a_c[k]
-                        ga[k] += q * step
-                        cj[k] = dec[k] * a
-                    tb, tc = tile_b[i], tile_c[i]
-                    for k in range(d_state):
-                        tb[k] += adj[k] * x
-                        tc[k] += gy * cur[k]
-                    ddt[b, t, c] = acc_u * u_t + acc_a
-                    du[b, t, c] = acc_u * step + gy * d_c
-                    grad_d[j] += gy * u_t
-                carry[j] = cj
-                grad_a[j] = ga
-            for i in range(steps):
-                for k in range(d_state):
-                    dB[part, b, t0 + i, g, k] = tile_b[i, k]
-                    dC[part, b, t0 + i, g, k] = tile_c[i, k]
-        for j in range(per_part):
             for k in range(d_state):
-                dh0[b, first + j, k] = carry[j, k]
-                dA[b, first + j, k] = grad_a[j, k]
-            dD[b, first + j] = grad_d[j]
+                for j in range(width):
+                    H[0, k, j] = ckpt[b, blk, k, c0 + j]
+            steps = min(length - t0, every)
+            if width == CHANNEL_BLOCK:  # a constant trip count for the compiler
+                _backward_block(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0,
+                                CHANNEL_BLOCK, t0, steps, a2, ak, H, dec, adj, grad_a, grad_d,
+                                scratch, zero, exact)
+            else:
+                _backward_block(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0, width,
+                                t0, steps, a2, ak, H, dec, adj, grad_a, grad_d, scratch, zero,
+                                exact)
+        for k in range(d_state):
+            for j in range(width):
+                dh0[b, c0 + j, k] = adj[k, j]
+                dA[b, c0 + j, k] = grad_a[k, j]
+        for j in range(width):
+            dD[b, c0 + j] = grad_d[j]
 
 
-_decays = _decays_impl  # compiled by _kernel, like prange
+# compiled by _kernel, like prange
+_as_float32 = None
+_exp2, _channel_block = _exp2_impl, _channel_block_impl
+_forward_steps, _backward_block = _forward_steps_impl, _backward_block_impl
 
 
 def _run(name, *args):
@@ -268,17 +319,20 @@ def _run(name, *args):
     kernel = _kernel(name)
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     kernel(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args))
+    if torch.get_num_threads() != threads:  # starting numba's OpenMP threads resets PyTorch's
+        torch.set_num_threads(threads)
 
 
 def fused_forward(dt, u, gate, B, C, A2, D, h, group_size, every=0):
     """See _fused_forward: dt, u, gate (or None) (batch, L, c); B, C (batch, L, G, n); A2 (c, n);
     D (c,) or None; h (batch, c, n) advanced in place; all contiguous, one dtype. every > 0:
-    also returns the checkpoints (batch, ceil(L / every), c, n). Returns y (batch, L, c)[, ckpt]."""
+    also returns the checkpoints (batch, ceil(L / every), n, c). Returns y (batch, L, c)[, ckpt]."""
     batch, length, channels = u.shape
     y = torch.empty_like(u)
-    ckpt = u.new_empty(batch, -(-length // every) if every else 0, channels, h.shape[2])
+    ckpt = u.new_empty(batch, -(-length // every) if every else 0, h.shape[2], channels)
     D = u.new_zeros(channels) if D is None else D
     _run("forward", dt, u, y if gate is None else gate, B, C, A2, D, h, y, ckpt, every,
          group_size, gate is not None, u.dtype != torch.float32)
@@ -286,8 +340,8 @@ def fused_forward(dt, u, gate, B, C, A2, D, h, group_size, every=0):
 
 
 def backward_parts(group_size):
-    """The fixed number of parts each group's channels are split into by the backward."""
-    return next(p for p in (4, 2, 1) if group_size % p == 0)
+    """The fixed number of parts (channel blocks) each group's channels are split into."""
+    return -(-group_size // CHANNEL_BLOCK)
 
 
 def fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size):
@@ -301,6 +355,6 @@ def fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size):
     dB, dC = (u.new_empty(parts, *B.shape) for _ in range(2))
     dh0 = u.new_empty(batch, channels, A.shape[1])
     D = u.new_zeros(channels) if D is None else D
-    _run("backward", dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, parts,
+    _run("backward", dt, u, dy, B, C, A2, A, D, ckpt, every, group_size,
          u.dtype != torch.float32, ypre, ddt, du, dA, dD, dB, dC, dh0)
     return ypre, ddt, du, dA.sum(0), dD.sum(0), dB.sum(0), dC.sum(0), dh0
