@@ -543,7 +543,8 @@ def test_loading_the_compiled_kernels_keeps_the_thread_count():
 def test_compiled_kernels_load_once_pure_pytorch_scans_add_up(monkeypatch):
     """MAMBA_SCAN_NUMBA unset: scans without gradients run in pure PyTorch until their state
     updates add up to LOAD_AFTER (loading the kernels costs more than a short file's scans);
-    the scan that reaches it loads them, and every later scan uses them."""
+    the scan that reaches it loads them, and every later scan uses them. Scans continuing a
+    state (streaming) do not count."""
     from modules.mamba import scan_cpu
 
     monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
@@ -555,6 +556,7 @@ def test_compiled_kernels_load_once_pure_pytorch_scans_add_up(monkeypatch):
     monkeypatch.setattr(scan_cpu, "_KERNELS", {})
     assert [scan_cpu.usable_for(u, 4) for _ in range(2)] == [False, False]
     assert scan_cpu.usable_for(u, 4, training=True)  # training: always worth loading
+    assert not scan_cpu.usable_for(u, 4, continuing=True)  # a stream's piece does not count
     assert scan_cpu.usable_for(u, 4)  # the third brings the total to LOAD_AFTER
     monkeypatch.setattr(scan_cpu, "_torch_work", 0)
     monkeypatch.setattr(scan_cpu, "_KERNELS", {"forward": None})  # loaded by an earlier scan

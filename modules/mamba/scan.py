@@ -527,7 +527,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    fn = _FusedScanFn if scan_cpu.usable_for(u, A.shape[1], training) else _SelectiveScanFn
+    compiled = scan_cpu.usable_for(u, A.shape[1], training, continuing=initial_state is not None)
+    fn = _FusedScanFn if compiled else _SelectiveScanFn
     with _autocast_off(u.device.type):
         out, last = fn.apply(
             cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z), cast(delta_bias),

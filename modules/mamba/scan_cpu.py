@@ -37,21 +37,23 @@ def available():
     return os.environ.get("MAMBA_SCAN_NUMBA") != "0" and _numba_installed()
 
 
-def usable_for(u, d_state, training=False):
+def usable_for(u, d_state, training=False, continuing=False):
     """Whether the scan of u (batch, d_inner, L) with d_state states runs compiled: CPU float32
     or float64 tensors and available(). Importing numba and loading the kernels costs about half
-    a second per process (compiling them, the first time on a machine, ~15 s): more than they
-    save on one short file (a 10 s utterance scans in less), little against a long file or a
-    stream of files. So unless MAMBA_SCAN_NUMBA=1, the kernels are first loaded by a scan with
-    gradients (training), or by the scan that brings this process's pure-PyTorch scans to
-    LOAD_AFTER state updates in all (about as long as loading takes: pay the rent until it
-    reaches the price), and then used for every scan."""
+    a second per process and ~130 MB (compiling them, the first time on a machine, ~15 s): more
+    than they save on one short file (a 10 s utterance scans in less), little against a long
+    file or a stream of files. So unless MAMBA_SCAN_NUMBA=1, the kernels are first loaded by a
+    scan with gradients (training), or by the scan that brings this process's pure-PyTorch scans
+    to LOAD_AFTER state updates in all (about as long as loading takes: pay the rent until it
+    reaches the price), and then used for every scan. Scans that continue a state (continuing:
+    the pieces of a live stream) do not count: loading would stall the stream."""
     global _torch_work
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not available():
         return False
     if os.environ.get("MAMBA_SCAN_NUMBA") == "1" or _KERNELS or training:
         return True
-    _torch_work += u.numel() * d_state
+    if not continuing:
+        _torch_work += u.numel() * d_state
     return _torch_work >= LOAD_AFTER
 
 
