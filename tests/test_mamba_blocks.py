@@ -345,3 +345,35 @@ def test_fused_directions_equal_two_scans(dtype, tol, lengths):
     for name, fused, two in zip(names, *results):
         scale = two.abs().max().clamp_min(1e-30)
         assert ((fused - two).abs().max() / scale) < tol, name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_compiled_conv_equals_official_math_without_gradients(dtype, tol, monkeypatch):
+    """With the compiled CPU kernels in use, inference runs the causal conv and its SiLU as one
+    compiled pass (scan_cpu.conv_silu): the official math's outputs (F.conv1d), also for fewer
+    frames than taps and with padding; with gradients the PyTorch ops run."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    calls = []
+    kernel = scan_cpu.conv_silu
+    monkeypatch.setattr(scan_cpu, "conv_silu", lambda *a: calls.append(1) or kernel(*a))
+    bi = perturbed(BiMamba(40, d_state=8)).to(dtype)  # 2 x 80 conv channels
+    uni = perturbed(Mamba(40, d_state=8)).to(dtype)
+    x = torch.randn(2, 21, 40, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(bi(x), official_bimamba_v2(bi, x), rtol=0, atol=tol)
+        torch.testing.assert_close(uni(x), official_mamba(uni, x), rtol=0, atol=tol)
+        short = x[:, :2]
+        torch.testing.assert_close(uni(short), official_mamba(uni, short), rtol=0, atol=tol)
+        padded, pad_mask = padded_batch([21, 9], 40, dtype)
+        out = bi(padded, pad_mask)
+        for i, length in enumerate((21, 9)):
+            alone = padded[i:i + 1, :length]
+            torch.testing.assert_close(out[i:i + 1, :length], official_bimamba_v2(bi, alone),
+                                       rtol=0, atol=tol)
+    assert len(calls) == 4
+    bi(x).sum().backward()
+    assert len(calls) == 4 and bi.conv1d.weight.grad is not None

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import scan_cpu
 from .scan import selective_scan, state_dtype
 
 
@@ -63,6 +64,17 @@ def valid_lengths(x, pad_mask=None):
     if pad_mask is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
     return _lengths(pad_mask, x)
+
+
+def _compiled_conv(x, weight, bias):
+    """Whether the causal conv + SiLU of x runs as one compiled CPU pass: no gradients needed,
+    float32 / float64 on CPU, and the scan's compiled kernels already loaded (the scan decides
+    when to load them)."""
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and scan_cpu.loaded())
 
 
 def _reverse_valid(x, lengths):
@@ -155,6 +167,8 @@ class Mamba(nn.Module):
         """
         k = self.d_conv
         length = x.shape[1]
+        if cache is None and _compiled_conv(x, weight, bias):
+            return scan_cpu.conv_silu(x, weight, bias)
         if cache is None:
             history = F.pad(x, (0, 0, k - 1, 0))  # (B, k-1+L, d)
         else:

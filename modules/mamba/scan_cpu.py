@@ -17,6 +17,7 @@ MAMBA_SCAN_NUMBA=1 uses the kernels for every scan; unset, see usable_for.
 
 import functools
 import importlib.util
+import math
 import os
 
 import numpy as np
@@ -73,7 +74,8 @@ def _kernel(name):
             _channel_block = helper(_channel_block_impl)
             _forward_steps = helper(_forward_steps_impl)
             _backward_block = helper(_backward_block_impl)
-        for key, fn in (("forward", _fused_forward), ("backward", _fused_backward)):
+        for key, fn in (("forward", _fused_forward), ("backward", _fused_backward),
+                        ("conv_silu", _conv_silu)):
             # parallel: the channel blocks (prange) are shared among numba's threads
             _KERNELS[key] = None if numba is None else numba.njit(
                 cache=True, boundscheck=False, error_model="numpy", parallel=True,
@@ -100,6 +102,7 @@ prange = range
 # reassoc: the sums over channels (dB, dC) may be vectorised, their order differs from bmm's
 FASTMATH = {"reassoc", "contract"}
 CHANNEL_BLOCK = 64  # channels per parallel job: the vector lanes of the kernels' inner loops
+CONV_TILE = 16  # frames per parallel job of _conv_silu
 # 2^f for f in [-1/2, 1/2]: degree-6 coefficients fitted for this project (least squares weighted
 # towards the largest relative error): max relative error 2e-9 in exact arithmetic, ~1e-7 (one
 # float32 ulp) evaluated in float32
@@ -309,6 +312,32 @@ def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, exact,
             dD[b, c0 + j] = grad_d[j]
 
 
+def _conv_silu(x, taps, bias, y, consts, exact):
+    """y = silu(bias + sum_i taps[i] x[t - k + 1 + i]) (zeros before the start): Mamba's causal
+    depthwise conv and its SiLU in one pass. x, y (batch, L, c); taps (k, c) (the conv weight
+    transposed); bias (c,) (zeros without bias); consts = (1, -log2(e)) in x's dtype (Python
+    floats would make float32 code compute in float64). Jobs of CONV_TILE frames of one
+    sequence, the inner loops over all channels: a few operations per element, so loops as long
+    as possible (channel blocks would leave the loops' set-up costs dominating)."""
+    batch, length, channels = x.shape
+    k = taps.shape[0]
+    n_tiles = -(-length // CONV_TILE)
+    one, neg_log2e = consts[0], consts[1]
+    for job in prange(batch * n_tiles):
+        b = job // n_tiles
+        t0 = (job % n_tiles) * CONV_TILE
+        acc = np.empty(channels, x.dtype)
+        for t in range(t0, min(length, t0 + CONV_TILE)):
+            for c in range(channels):
+                acc[c] = bias[c]
+            for i in range(max(0, k - 1 - t), k):
+                for c in range(channels):
+                    acc[c] += taps[i, c] * x[b, t - k + 1 + i, c]
+            for c in range(channels):
+                a = acc[c]
+                y[b, t, c] = a / (one + _exp2(a * neg_log2e, exact))
+
+
 # compiled by _kernel, like prange
 _as_float32 = None
 _exp2, _channel_block = _exp2_impl, _channel_block_impl
@@ -360,3 +389,21 @@ def fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size):
     _run("backward", dt, u, dy, B, C, A2, A, D, ckpt, every, group_size,
          u.dtype != torch.float32, ypre, ddt, du, dA, dD, dB, dC, dh0)
     return ypre, ddt, du, dA.sum(0), dD.sum(0), dB.sum(0), dC.sum(0), dh0
+
+
+def loaded():
+    """True when the kernels are loaded in this process (or MAMBA_SCAN_NUMBA=1): the scans will
+    run compiled, and so may the steps around them (conv_silu)."""
+    return available() and (bool(_KERNELS) or os.environ.get("MAMBA_SCAN_NUMBA") == "1")
+
+
+def conv_silu(x, weight, bias):
+    """See _conv_silu: x (batch, L, c) CPU float32 / float64; weight (c, k); bias (c,) or None.
+    No gradients. Returns y (batch, L, c)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    bias = x.new_zeros(x.shape[2]) if bias is None else bias.to(x.dtype).contiguous()
+    consts = torch.tensor([1.0, -math.log2(math.e)], dtype=x.dtype)
+    _run("conv_silu", x, weight.to(x.dtype).t().contiguous(), bias, y, consts,
+         x.dtype != torch.float32)
+    return y
