@@ -550,53 +550,45 @@ def _groups_time_last(x):
 
 class _FusedScanFn(torch.autograd.Function):
     """The scan as two compiled CPU kernels (scan_cpu.fused_forward / fused_backward) on
-    (batch, L, c) tensors: no time-major copies, decays computed in the kernels. The forward
-    keeps the state entering every `every` frames; the backward recomputes each block's states
-    from it. Step sizes (softplus), the z gate and their gradients stay in PyTorch."""
+    (batch, L, c) tensors: no time-major copies; step sizes (bias, softplus), decays and the
+    z gate computed in the kernels, with their gradients. The forward keeps the state entering
+    every `every` frames; the backward recomputes each block's states from it."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
         u_l, B_l, C_l = _time_last(u), _groups_time_last(B), _groups_time_last(C)
-        pre = _time_last(delta)
-        if delta_bias is not None:
-            pre = pre + delta_bias
-        dt = _softplus(pre, torch.empty_like(pre)) if delta_softplus else pre
+        delta_l = _time_last(delta)
         z_l = None if z is None else _time_last(z)
-        gate = None if z is None else torch.nn.functional.silu(z_l)
         state = (u.new_zeros(u.shape[0], *A.shape) if h0 is None
                  else h0.contiguous().clone())
         keep = any(ctx.needs_input_grad)
         every = 2 * A.shape[1] if keep else 0  # checkpoints: half the size of u
         group_size = A.shape[0] // B_l.shape[2]
-        y = scan_cpu.fused_forward(dt, u_l, gate, B_l, C_l, (A * LOG2E).contiguous(), D, state,
-                                   group_size, every)
+        y = scan_cpu.fused_forward(delta_l, delta_bias, u_l, z_l, B_l, C_l,
+                                   (A * LOG2E).contiguous(), D, state, group_size,
+                                   delta_softplus, every)
         if keep:
             y, ckpt = y
-            ctx.save_for_backward(u_l, pre, A, B_l, C_l, D, z_l, ckpt)
-            ctx.meta = (delta_softplus, every, group_size, B.dim(), h0 is not None,
-                        delta_bias is not None)
+            ctx.save_for_backward(u_l, delta_l, A, B_l, C_l, D, z_l, delta_bias, ckpt)
+            ctx.meta = (delta_softplus, every, group_size, B.dim(), h0 is not None)
         ctx.mark_non_differentiable(state)
         return y.transpose(1, 2), state
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        u_l, pre, A, B_l, C_l, D, z_l, ckpt = ctx.saved_tensors
-        softplus, every, group_size, b_dims, has_h0, has_bias = ctx.meta
+        u_l, delta_l, A, B_l, C_l, D, z_l, delta_bias, ckpt = ctx.saved_tensors
+        softplus, every, group_size, b_dims, has_h0 = ctx.meta
         with _autocast_off(dout.device.type):
-            dt = _softplus(pre, torch.empty_like(pre)) if softplus else pre
-            dout = _time_last(dout)
-            dy = dout if z_l is None else dout * torch.nn.functional.silu(z_l)
-            ypre, ddt, du, dA, dD, dB, dC, dh0 = scan_cpu.fused_backward(
-                dt, u_l, dy, B_l, C_l, (A * LOG2E).contiguous(), A.contiguous(), D, ckpt, every,
-                group_size)
-            dz = None if z_l is None else torch.ops.aten.silu_backward(dout * ypre, z_l)
-            dpre = ddt.mul_(torch.sigmoid(pre)) if softplus else ddt
+            dz, ddelta, du, dA, dD, dB, dC, dh0 = scan_cpu.fused_backward(
+                delta_l, delta_bias, u_l, _time_last(dout), z_l, B_l, C_l,
+                (A * LOG2E).contiguous(), A.contiguous(), D, ckpt, every, group_size, softplus)
             dB, dC = (g.permute(0, 2, 3, 1) for g in (dB, dC))  # (batch, G, n, L) views
             if b_dims == 3:
                 dB, dC = dB[:, 0], dC[:, 0]
-            return (du.transpose(1, 2), dpre.transpose(1, 2), dA, dB, dC,
+            return (du.transpose(1, 2), ddelta.transpose(1, 2), dA, dB, dC,
                     None if D is None else dD, None if dz is None else dz.transpose(1, 2),
-                    dpre.sum((0, 1)) if has_bias else None, dh0 if has_h0 else None, None)
+                    None if delta_bias is None else ddelta.sum((0, 1)),
+                    dh0 if has_h0 else None, None)
 
 
 def _mask_past_lengths(delta, delta_bias, delta_softplus, lengths):

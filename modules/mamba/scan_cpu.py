@@ -59,7 +59,8 @@ def usable_for(u, d_state, training=False, continuing=False):
 
 
 def _kernel(name):
-    global prange, _as_float32, _exp2, _channel_block, _forward_steps, _backward_block
+    global prange, _as_float32, _exp2, _softplus, _sigmoid, _channel_block, _forward_steps
+    global _backward_block
     if name not in _KERNELS:
         try:
             import numba
@@ -71,6 +72,8 @@ def _kernel(name):
             helper = numba.njit(inline="always", boundscheck=False, error_model="numpy",
                                 fastmath=FASTMATH)
             _exp2 = helper(_exp2_impl)
+            _softplus = helper(_softplus_impl)
+            _sigmoid = helper(_sigmoid_impl)
             _channel_block = helper(_channel_block_impl)
             _forward_steps = helper(_forward_steps_impl)
             _backward_block = helper(_backward_block_impl)
@@ -109,6 +112,8 @@ CONV_TILE = 16  # frames per parallel job of _conv_silu
 EXP2_POLY = (1.0, 6.93147206e-01, 2.40226469e-01, 5.55032786e-02, 9.61848864e-03,
              1.34002623e-03, 1.53466339e-04)
 P0, P1, P2, P3, P4, P5, P6 = EXP2_POLY
+LOG2E = math.log2(math.e)
+SOFTPLUS_THRESHOLD = 20.0  # softplus(v) = v above it, as in torch and mamba-ssm's kernel
 
 
 def _exp2_impl(v, exact):
@@ -129,22 +134,52 @@ def _exp2_impl(v, exact):
     return p * _as_float32((np.int32(r) + np.int32(127)) << np.int32(23))
 
 
-def _forward_steps_impl(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs, step, x,
-                        acc, has_gate, exact):
+def _softplus_impl(v, exact):
+    """log(1 + e^v), v above SOFTPLUS_THRESHOLD. float32: max(v, 0) + log1p(e^-|v|), the log1p
+    as 2 atanh(s), s = e / (2 + e) <= 1/3, by its series to s^13 (truncation < 1e-8): vectorises,
+    unlike a call to log1p; exact=True (float64) calls np.log1p."""
+    if exact:
+        return v if v > SOFTPLUS_THRESHOLD else np.log1p(np.exp(v))
+    e = _exp2(-abs(v) * np.float32(LOG2E), False)
+    s = e / (np.float32(2.0) + e)
+    s2 = s * s
+    p = np.float32(1 / 13) * s2 + np.float32(1 / 11)
+    p = p * s2 + np.float32(1 / 9)
+    p = p * s2 + np.float32(1 / 7)
+    p = p * s2 + np.float32(1 / 5)
+    p = p * s2 + np.float32(1 / 3)
+    p = p * s2 + np.float32(1.0)
+    r = max(v, np.float32(0.0)) + np.float32(2.0) * s * p
+    return v if v > np.float32(SOFTPLUS_THRESHOLD) else r
+
+
+def _sigmoid_impl(v, exact):
+    """1 / (1 + e^-v) (exact=True: with np.exp)."""
+    if exact:  # float32 constants: exact, and float64 ones would promote float32 code
+        return np.float32(1.0) / (np.float32(1.0) + np.exp(-v))
+    return np.float32(1.0) / (np.float32(1.0) + _exp2(v * np.float32(-LOG2E), False))
+
+
+def _forward_steps_impl(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs,
+                        step, x, acc, has_gate, softplus, exact):
     """_fused_forward for the channels c0 ... c0 + width - 1 (group g) of sequence b, all frames;
     hs (n, width) the state, a2 (n, width) A2 transposed; step, x, acc: scratch (width,). The
     inner loops run over the channels (contiguous in (batch, L, c)): the vector lanes. Inputs
     are copied to the scratch arrays once per frame: read in the loop over states, they would be
     reloaded for every state (the compiler cannot tell that hs does not overlap them)."""
     d_state = a2.shape[0]
-    for t in range(dt.shape[1]):
+    for t in range(u.shape[1]):
         if every > 0 and t % every == 0:
             for k in range(d_state):
                 for j in range(width):
                     ckpt[b, t // every, k, c0 + j] = hs[k, j]
+        for j in range(width):  # separate loops, not branches in one: they vectorise
+            step[j] = delta[b, t, c0 + j] + bias[c0 + j]
+        if softplus:
+            for j in range(width):
+                step[j] = _softplus(step[j], exact)
         for j in range(width):
-            step[j] = dt[b, t, c0 + j]
-            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
+            x[j] = step[j] * u[b, t, c0 + j]
             acc[j] = D[c0 + j] * u[b, t, c0 + j]
         for k in range(d_state):
             b_k = B[b, t, g, k]
@@ -153,8 +188,13 @@ def _forward_steps_impl(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, width, a
                 s = _exp2(step[j] * a2[k, j], exact) * hs[k, j] + x[j] * b_k
                 hs[k, j] = s
                 acc[j] += c_k * s
-        for j in range(width):
-            y[b, t, c0 + j] = acc[j] * gate[b, t, c0 + j] if has_gate else acc[j]
+        if has_gate:
+            for j in range(width):
+                zz = z[b, t, c0 + j]
+                y[b, t, c0 + j] = acc[j] * zz * _sigmoid(zz, exact)
+        else:
+            for j in range(width):
+                y[b, t, c0 + j] = acc[j]
 
 
 def _channel_block_impl(job, groups, per_group, group_size):
@@ -166,19 +206,21 @@ def _channel_block_impl(job, groups, per_group, group_size):
     return b, g, part, c0, min(CHANNEL_BLOCK, (g + 1) * group_size - c0)
 
 
-def _fused_forward(dt, u, gate, B, C, A2, D, h, y, ckpt, every, group_size, has_gate, exact):
+def _fused_forward(delta, bias, u, z, B, C, A2, D, h, y, ckpt, every, group_size, has_gate,
+                   softplus, exact):
     """The forward of a scan, one pass over time, blocks of channels in parallel:
 
-        h = 2^(dt A2) * h + dt u B;   y = (C . h + D u) * gate (if has_gate)
+        dt = softplus(delta + bias) (or delta + bias);   h = 2^(dt A2) * h + dt u B
+        y = (C . h + D u) * silu(z) (without z: C . h + D u)
 
-    dt (step sizes after bias and softplus), u, gate, y: (batch, L, c), the layout of Mamba's
-    activations (no transposes); B, C (batch, L, G, n); A2 = A log2(e) (c, n); D (c,) (zeros
-    without D); h (batch, c, n): entry state, updated in place to the last state. every > 0:
-    the state entering frame j * every is stored in ckpt[:, j] (batch, ceil(L / every), n, c)
-    for the backward. Each job takes CHANNEL_BLOCK channels of one sequence (of one group)
-    through time; its state (n, CHANNEL_BLOCK) stays in cache and the decays are computed per
-    step (_exp2), not read from a buffer."""
-    batch, length, channels = dt.shape
+    delta, u, z, y: (batch, L, c), the layout of Mamba's activations (no transposes); bias (c,)
+    (zeros without); B, C (batch, L, G, n); A2 = A log2(e) (c, n); D (c,) (zeros without D);
+    h (batch, c, n): entry state, updated in place to the last state. every > 0: the state
+    entering frame j * every is stored in ckpt[:, j] (batch, ceil(L / every), n, c) for the
+    backward. Each job takes CHANNEL_BLOCK channels of one sequence (of one group) through
+    time; its state (n, CHANNEL_BLOCK) stays in cache and the decays are computed per step
+    (_exp2), not read from a buffer."""
+    batch, length, channels = u.shape
     d_state = A2.shape[1]
     groups = channels // group_size
     per_group = -(-group_size // CHANNEL_BLOCK)
@@ -194,47 +236,68 @@ def _fused_forward(dt, u, gate, B, C, A2, D, h, y, ckpt, every, group_size, has_
                 a2[k, j] = A2[c0 + j, k]
                 hs[k, j] = h[b, c0 + j, k]
         if width == CHANNEL_BLOCK:  # a constant trip count for the compiler
-            _forward_steps(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, CHANNEL_BLOCK, a2, hs,
-                           step, x, acc, has_gate, exact)
+            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, CHANNEL_BLOCK,
+                           a2, hs, step, x, acc, has_gate, softplus, exact)
         else:
-            _forward_steps(dt, u, gate, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs, step, x,
-                           acc, has_gate, exact)
+            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs,
+                           step, x, acc, has_gate, softplus, exact)
         for k in range(d_state):
             for j in range(width):
                 h[b, c0 + j, k] = hs[k, j]
 
 
-def _backward_block_impl(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0, width, t0,
-                         steps, a2, ak, H, dec, adj, grad_a, grad_d, scratch, zero, exact):
-    """_fused_backward for frames t0 ... t0 + steps - 1 of channels c0 ... c0 + width - 1:
-    H[0] (n, width) holds the state entering t0; adj (n, width) the adjoint entering from
-    t0 + steps; grad_a (n, width), grad_d (width,) accumulate; scratch (5, width) (see
-    _forward_steps); zero: 0 in the dtype of the sums."""
+def _backward_block_impl(inputs, outputs, work, b, g, part, c0, width, t0, steps, has_gate,
+                         softplus, exact):
+    """_fused_backward for frames t0 ... t0 + steps - 1 of channels c0 ... c0 + width - 1
+    (tuples: numba inlines no call of over ~30 arguments). In work: H[0] (n, width) holds the
+    state entering t0; adj (n, width) the adjoint entering from t0 + steps; grad_a (n, width),
+    grad_d (width,) accumulate; frames (3, every, width): per frame of the block the step size,
+    dL/dy before the gate and d(step)/d(delta); scratch (3, width) (see _forward_steps); zero:
+    0 in the dtype of the sums."""
+    delta, bias, u, dout, z, B, C, D = inputs
+    dz, ddelta, du, dB, dC = outputs
+    a2, ak, H, dec, adj, grad_a, grad_d, frames, scratch, zero = work
     d_state = a2.shape[0]
-    step, x, gy, acc_u, acc_a = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    step, dy, dstep = frames[0], frames[1], frames[2]
+    x, acc_u, acc_a = scratch[0], scratch[1], scratch[2]
     for i in range(steps):  # recompute the states (H[i + 1] after frame t0 + i) and decays
         t = t0 + i
+        for j in range(width):  # separate loops, not branches in one: they vectorise
+            step[i, j] = delta[b, t, c0 + j] + bias[c0 + j]
+        if softplus:
+            for j in range(width):
+                dstep[i, j] = _sigmoid(step[i, j], exact)
+                step[i, j] = _softplus(step[i, j], exact)
+        else:
+            for j in range(width):
+                dstep[i, j] = 1.0
         for j in range(width):
-            step[j] = dt[b, t, c0 + j]
-            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
+            x[j] = step[i, j] * u[b, t, c0 + j]
             acc_u[j] = D[c0 + j] * u[b, t, c0 + j]
         for k in range(d_state):
             b_k = B[b, t, g, k]
             c_k = C[b, t, g, k]
             for j in range(width):
-                d = _exp2(step[j] * a2[k, j], exact)
+                d = _exp2(step[i, j] * a2[k, j], exact)
                 dec[i, k, j] = d
                 s = d * H[i, k, j] + x[j] * b_k
                 H[i + 1, k, j] = s
                 acc_u[j] += c_k * s
-        for j in range(width):
-            ypre[b, t, c0 + j] = acc_u[j]
+        if has_gate:  # acc_u: the output before the gate
+            for j in range(width):
+                zz = z[b, t, c0 + j]
+                sg = _sigmoid(zz, exact)
+                go = dout[b, t, c0 + j]
+                dy[i, j] = go * zz * sg
+                dz[b, t, c0 + j] = go * acc_u[j] * sg * (np.float32(1.0)
+                                                         + zz * (np.float32(1.0) - sg))
+        else:
+            for j in range(width):
+                dy[i, j] = dout[b, t, c0 + j]
     for i in range(steps - 1, -1, -1):  # adjoint: adj_t = C_t dy_t + exp(dt_{t+1} A) adj_{t+1}
         t = t0 + i
         for j in range(width):
-            step[j] = dt[b, t, c0 + j]
-            x[j] = dt[b, t, c0 + j] * u[b, t, c0 + j]
-            gy[j] = dy[b, t, c0 + j]
+            x[j] = step[i, j] * u[b, t, c0 + j]
             acc_u[j] = 0.0
             acc_a[j] = 0.0
         for k in range(d_state):
@@ -243,49 +306,51 @@ def _backward_block_impl(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, 
             sum_b = zero
             sum_c = zero
             for j in range(width):
-                a = c_k * gy[j] + adj[k, j]
+                a = c_k * dy[i, j] + adj[k, j]
                 acc_u[j] += b_k * a
                 q = a * H[i, k, j] * dec[i, k, j]  # dL/d(dt A) at (t, k)
                 acc_a[j] += q * ak[k, j]
-                grad_a[k, j] += q * step[j]
+                grad_a[k, j] += q * step[i, j]
                 adj[k, j] = dec[i, k, j] * a
                 sum_b += a * x[j]
-                sum_c += gy[j] * H[i + 1, k, j]
+                sum_c += dy[i, j] * H[i + 1, k, j]
             dB[part, b, t, g, k] = sum_b
             dC[part, b, t, g, k] = sum_c
         for j in range(width):
             u_t = u[b, t, c0 + j]
-            ddt[b, t, c0 + j] = acc_u[j] * u_t + acc_a[j]
-            du[b, t, c0 + j] = acc_u[j] * step[j] + gy[j] * D[c0 + j]
-            grad_d[j] += gy[j] * u_t
+            ddelta[b, t, c0 + j] = (acc_u[j] * u_t + acc_a[j]) * dstep[i, j]
+            du[b, t, c0 + j] = acc_u[j] * step[i, j] + dy[i, j] * D[c0 + j]
+            grad_d[j] += dy[i, j] * u_t
 
 
-def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, exact,
-                    ypre, ddt, du, dA, dD, dB, dC, dh0):
-    """Backward of _fused_forward. dy (batch, L, c): gradient of y before the gate (dL/dy
-    times the gate). Per channel block, blocks of `every` frames from the last: the states are
-    recomputed from the block's checkpoint, then the adjoint runs back through it. Writes (all
-    preallocated): ypre (batch, L, c) = C . h + D u (for the gate's gradient); ddt = dL/d(dt)
-    and du (batch, L, c); dA (batch, c, n) and dD (batch, c): per sequence, summed by the
-    caller; dB, dC (parts, batch, L, G, n): part p sums the p-th channel block of each group,
-    the caller sums the parts (a fixed split: results do not depend on the thread count);
-    dh0 (batch, c, n) = dL/dh of the entry state. Jobs as in _fused_forward; every write is
-    the job's own."""
-    batch, length, channels = dt.shape
+def _fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_size, has_gate,
+                    softplus, exact, dz, ddelta, du, dA, dD, dB, dC, dh0):
+    """Backward of _fused_forward. dout (batch, L, c): dL/dy. Per channel block, blocks of
+    `every` frames from the last: the states are recomputed from the block's checkpoint, then
+    the adjoint runs back through it. Writes (all preallocated): dz (with z), ddelta, du
+    (batch, L, c); dA (batch, c, n) and dD (batch, c): per sequence, summed by the caller;
+    dB, dC (parts, batch, L, G, n): part p sums the p-th channel block of each group, the
+    caller sums the parts (a fixed split: results do not depend on the thread count); dh0
+    (batch, c, n) = dL/dh of the entry state. Jobs as in _fused_forward; every write is the
+    job's own."""
+    batch, length, channels = u.shape
     d_state = A2.shape[1]
     groups = channels // group_size
     per_group = -(-group_size // CHANNEL_BLOCK)
+    inputs = (delta, bias, u, dout, z, B, C, D)
+    outputs = (dz, ddelta, du, dB, dC)
     for job in prange(batch * groups * per_group):
         b, g, part, c0, width = _channel_block(job, groups, per_group, group_size)
-        a2 = np.empty((d_state, CHANNEL_BLOCK), dt.dtype)
-        ak = np.empty((d_state, CHANNEL_BLOCK), dt.dtype)
-        H = np.empty((every + 1, d_state, CHANNEL_BLOCK), dt.dtype)
-        dec = np.empty((every, d_state, CHANNEL_BLOCK), dt.dtype)
-        adj = np.zeros((d_state, CHANNEL_BLOCK), dt.dtype)
-        grad_a = np.zeros((d_state, CHANNEL_BLOCK), dt.dtype)
-        grad_d = np.zeros(CHANNEL_BLOCK, dt.dtype)
-        scratch = np.empty((5, CHANNEL_BLOCK), dt.dtype)
-        zero = np.zeros(1, dt.dtype)[0]
+        a2 = np.empty((d_state, CHANNEL_BLOCK), u.dtype)
+        ak = np.empty((d_state, CHANNEL_BLOCK), u.dtype)
+        H = np.empty((every + 1, d_state, CHANNEL_BLOCK), u.dtype)
+        dec = np.empty((every, d_state, CHANNEL_BLOCK), u.dtype)
+        adj = np.zeros((d_state, CHANNEL_BLOCK), u.dtype)
+        grad_a = np.zeros((d_state, CHANNEL_BLOCK), u.dtype)
+        grad_d = np.zeros(CHANNEL_BLOCK, u.dtype)
+        frames = np.empty((3, every, CHANNEL_BLOCK), u.dtype)
+        scratch = np.empty((3, CHANNEL_BLOCK), u.dtype)
+        work = (a2, ak, H, dec, adj, grad_a, grad_d, frames, scratch, np.zeros(1, u.dtype)[0])
         for k in range(d_state):
             for j in range(width):
                 a2[k, j] = A2[c0 + j, k]
@@ -297,13 +362,11 @@ def _fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size, exact,
                     H[0, k, j] = ckpt[b, blk, k, c0 + j]
             steps = min(length - t0, every)
             if width == CHANNEL_BLOCK:  # a constant trip count for the compiler
-                _backward_block(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0,
-                                CHANNEL_BLOCK, t0, steps, a2, ak, H, dec, adj, grad_a, grad_d,
-                                scratch, zero, exact)
+                _backward_block(inputs, outputs, work, b, g, part, c0, CHANNEL_BLOCK, t0, steps,
+                                has_gate, softplus, exact)
             else:
-                _backward_block(dt, u, dy, B, C, D, ypre, ddt, du, dB, dC, b, g, part, c0, width,
-                                t0, steps, a2, ak, H, dec, adj, grad_a, grad_d, scratch, zero,
-                                exact)
+                _backward_block(inputs, outputs, work, b, g, part, c0, width, t0, steps,
+                                has_gate, softplus, exact)
         for k in range(d_state):
             for j in range(width):
                 dh0[b, c0 + j, k] = adj[k, j]
@@ -340,7 +403,8 @@ def _conv_silu(x, taps, bias, y, consts, exact):
 
 # compiled by _kernel, like prange
 _as_float32 = None
-_exp2, _channel_block = _exp2_impl, _channel_block_impl
+_exp2, _softplus, _sigmoid = _exp2_impl, _softplus_impl, _sigmoid_impl
+_channel_block = _channel_block_impl
 _forward_steps, _backward_block = _forward_steps_impl, _backward_block_impl
 
 
@@ -357,17 +421,22 @@ def _run(name, *args):
         torch.set_num_threads(threads)
 
 
-def fused_forward(dt, u, gate, B, C, A2, D, h, group_size, every=0):
-    """See _fused_forward: dt, u, gate (or None) (batch, L, c); B, C (batch, L, G, n); A2 (c, n);
-    D (c,) or None; h (batch, c, n) advanced in place; all contiguous, one dtype. every > 0:
-    also returns the checkpoints (batch, ceil(L / every), n, c). Returns y (batch, L, c)[, ckpt]."""
+def fused_forward(delta, bias, u, z, B, C, A2, D, h, group_size, softplus, every=0):
+    """See _fused_forward: delta, u, z (or None) (batch, L, c); bias (c,) or None; B, C
+    (batch, L, G, n); A2 (c, n); D (c,) or None; h (batch, c, n) advanced in place; all
+    contiguous, one dtype. every > 0: also returns the checkpoints (batch, ceil(L / every), n, c).
+    Returns y (batch, L, c)[, ckpt]."""
     batch, length, channels = u.shape
     y = torch.empty_like(u)
     ckpt = u.new_empty(batch, -(-length // every) if every else 0, h.shape[2], channels)
-    D = u.new_zeros(channels) if D is None else D
-    _run("forward", dt, u, y if gate is None else gate, B, C, A2, D, h, y, ckpt, every,
-         group_size, gate is not None, u.dtype != torch.float32)
+    _run("forward", delta, _zeros_if_none(bias, u), u, u if z is None else z, B, C, A2,
+         _zeros_if_none(D, u), h, y, ckpt, every, group_size, z is not None, softplus,
+         u.dtype != torch.float32)
     return (y, ckpt) if every else y
+
+
+def _zeros_if_none(vector, like):
+    return like.new_zeros(like.shape[2]) if vector is None else vector
 
 
 def backward_parts(group_size):
@@ -375,20 +444,21 @@ def backward_parts(group_size):
     return -(-group_size // CHANNEL_BLOCK)
 
 
-def fused_backward(dt, u, dy, B, C, A2, A, D, ckpt, every, group_size):
-    """See _fused_backward. Returns ypre, ddt, du (batch, L, c); dA (c, n); dD (c,);
-    dB, dC (batch, L, G, n); dh0 (batch, c, n)."""
+def fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_size, softplus):
+    """See _fused_backward. Returns dz (None without z), ddelta, du (batch, L, c); dA (c, n);
+    dD (c,); dB, dC (batch, L, G, n); dh0 (batch, c, n)."""
     batch, length, channels = u.shape
     parts = backward_parts(group_size)
-    ypre, ddt, du = (torch.empty_like(u) for _ in range(3))
+    dz = None if z is None else torch.empty_like(u)
+    ddelta, du = torch.empty_like(u), torch.empty_like(u)
     dA = u.new_empty(batch, *A.shape)
     dD = u.new_empty(batch, channels)
     dB, dC = (u.new_empty(parts, *B.shape) for _ in range(2))
     dh0 = u.new_empty(batch, channels, A.shape[1])
-    D = u.new_zeros(channels) if D is None else D
-    _run("backward", dt, u, dy, B, C, A2, A, D, ckpt, every, group_size,
-         u.dtype != torch.float32, ypre, ddt, du, dA, dD, dB, dC, dh0)
-    return ypre, ddt, du, dA.sum(0), dD.sum(0), dB.sum(0), dC.sum(0), dh0
+    _run("backward", delta, _zeros_if_none(bias, u), u, dout, u if z is None else z, B, C, A2, A,
+         _zeros_if_none(D, u), ckpt, every, group_size, z is not None, softplus,
+         u.dtype != torch.float32, ddelta if dz is None else dz, ddelta, du, dA, dD, dB, dC, dh0)
+    return dz, ddelta, du, dA.sum(0), dD.sum(0), dB.sum(0), dC.sum(0), dh0
 
 
 def loaded():
