@@ -471,6 +471,28 @@ def test_compiled_float32_decays_are_exp2_to_an_ulp():
     assert scan_cpu._exp2(np.float64(-3.3), True) == np.exp2(-3.3)  # float64: exact
 
 
+def test_compiled_float32_softplus_and_sigmoid_match_torch():
+    """The kernels' vectorisable softplus (log1p by its atanh series) and sigmoid, float32:
+    within 3e-7 relative of torch's (float64) over the step sizes' range, softplus(v) = v above
+    the threshold 20 as in torch, and exact calls in float64."""
+    import numpy as np
+
+    from modules.mamba import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    scan_cpu._kernel("forward")  # compiles the helpers
+    v = np.concatenate([np.linspace(-60, 30, 30001), [-1e-6, 0.0, 1e-6, 20.0, 20.5]])
+    v = v.astype(np.float32)
+    want = torch.from_numpy(v.astype(np.float64))
+    for fn, ref in ((scan_cpu._softplus, torch.nn.functional.softplus),
+                    (scan_cpu._sigmoid, torch.sigmoid)):
+        got = torch.tensor([fn(x, False) for x in v], dtype=torch.float64)
+        assert ((got - ref(want)).abs() / ref(want)).max() < 3e-7, fn
+    assert scan_cpu._softplus(np.float32(20.5), False) == np.float32(20.5)
+    assert scan_cpu._softplus(-3.3, True) == np.log1p(np.exp(-3.3))
+
+
 def test_a_scan_with_gradients_loads_the_compiled_kernels(monkeypatch):
     """MAMBA_SCAN_NUMBA unset, kernels not loaded, a short scan: without gradients it runs the
     pure-PyTorch scan; with gradients (training) the compiled kernels."""

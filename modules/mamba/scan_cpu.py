@@ -5,13 +5,15 @@ time per block of CHANNEL_BLOCK channels, the blocks in parallel on PyTorch's th
 (batch, L, c) layout of Mamba's activations (no transposes, no buffer of decays); the channels of
 a block, adjacent in memory, are the vector lanes of the innermost loops:
 
+    dt[b, t, c] = softplus(delta[b, t, c] + bias[c])
     h[b, c, :] = exp(dt[b, t, c] A[c, :]) * h[b, c, :] + dt[b, t, c] u[b, t, c] B[b, t, g(c), :]
-    y[b, t, c] = (C[b, t, g(c), :] . h[b, c, :] + D[c] u[b, t, c]) * gate[b, t, c]
+    y[b, t, c] = (C[b, t, g(c), :] . h[b, c, :] + D[c] u[b, t, c]) * silu(z[b, t, c])
 
 With gradients it also keeps the state entering every `every` frames; the backward kernel
 recomputes each block's states from it and runs the adjoint recursion back through the block,
-accumulating every gradient in the same pass. Step sizes (softplus) and the gate stay in torch.
-Without numba, or with MAMBA_SCAN_NUMBA=0 in the environment, the pure-PyTorch scan runs;
+accumulating every gradient in the same pass. numba has no vectorised exp or log (llvmlite ships
+no vector math library): 2^x, softplus and sigmoid are polynomials and a bitcast here. A third
+kernel, conv_silu, runs Mamba's causal conv and SiLU at inference. Without numba, or with MAMBA_SCAN_NUMBA=0 in the environment, the pure-PyTorch scan runs;
 MAMBA_SCAN_NUMBA=1 uses the kernels for every scan; unset, see usable_for.
 """
 
