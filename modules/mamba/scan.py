@@ -39,8 +39,8 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
 LABELS = {"cuda": "mamba-ssm CUDA kernel", "triton": "Triton scan", "torch": "pure-PyTorch scan",
           "ref": "reference loop"}
 logger = logging.getLogger(__name__)
-LOG2E = math.log2(math.e)
-SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above this, like torch and the CUDA kernel
+LOG2E = scan_cpu.LOG2E
+SOFTPLUS_THRESHOLD = scan_cpu.SOFTPLUS_THRESHOLD  # softplus(x) = x above it
 BLOCK_FLOATS = 1 << 20  # elements of one (T, batch, d_state, d_inner) work buffer: ~4 MB in float32
 CHUNK_FLOATS = 1 << 20  # elements of one time-major (w, batch, d_inner) chunk buffer
 
