@@ -13,8 +13,9 @@ With gradients it also keeps the state entering every `every` frames; the backwa
 recomputes each block's states from it and runs the adjoint recursion back through the block,
 accumulating every gradient in the same pass. numba has no vectorised exp or log (llvmlite ships
 no vector math library): 2^x, softplus and sigmoid are polynomials and a bitcast here. A third
-kernel, conv_silu, runs Mamba's causal conv and SiLU at inference. Without numba, or with MAMBA_SCAN_NUMBA=0 in the environment, the pure-PyTorch scan runs;
-MAMBA_SCAN_NUMBA=1 uses the kernels for every scan; unset, see usable_for.
+kernel, conv_silu, runs Mamba's causal conv and SiLU at inference. Without numba, or with
+MAMBA_SCAN_NUMBA=0 in the environment, the pure-PyTorch scan runs; MAMBA_SCAN_NUMBA=1 uses the
+kernels for every scan; unset, see usable_for.
 """
 
 import functools
@@ -53,7 +54,7 @@ def usable_for(u, d_state, training=False, continuing=False):
     global _torch_work
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not available():
         return False
-    if os.environ.get("MAMBA_SCAN_NUMBA") == "1" or _KERNELS or training:
+    if loaded() or training:
         return True
     if not continuing:
         _torch_work += u.numel() * d_state
@@ -377,17 +378,15 @@ def _fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_
             dD[b, c0 + j] = grad_d[j]
 
 
-def _conv_silu(x, taps, bias, y, consts, exact):
+def _conv_silu(x, taps, bias, y, exact):
     """y = silu(bias + sum_i taps[i] x[t - k + 1 + i]) (zeros before the start): Mamba's causal
     depthwise conv and its SiLU in one pass. x, y (batch, L, c); taps (k, c) (the conv weight
-    transposed); bias (c,) (zeros without bias); consts = (1, -log2(e)) in x's dtype (Python
-    floats would make float32 code compute in float64). Jobs of CONV_TILE frames of one
-    sequence, the inner loops over all channels: a few operations per element, so loops as long
-    as possible (channel blocks would leave the loops' set-up costs dominating)."""
+    transposed); bias (c,) (zeros without bias). Jobs of CONV_TILE frames of one sequence, the
+    inner loops over all channels: a few operations per element, so loops as long as possible
+    (channel blocks would leave the loops' set-up costs dominating)."""
     batch, length, channels = x.shape
     k = taps.shape[0]
     n_tiles = -(-length // CONV_TILE)
-    one, neg_log2e = consts[0], consts[1]
     for job in prange(batch * n_tiles):
         b = job // n_tiles
         t0 = (job % n_tiles) * CONV_TILE
@@ -399,8 +398,7 @@ def _conv_silu(x, taps, bias, y, consts, exact):
                 for c in range(channels):
                     acc[c] += taps[i, c] * x[b, t - k + 1 + i, c]
             for c in range(channels):
-                a = acc[c]
-                y[b, t, c] = a / (one + _exp2(a * neg_log2e, exact))
+                y[b, t, c] = acc[c] * _sigmoid(acc[c], exact)
 
 
 # compiled by _kernel, like prange
@@ -474,8 +472,6 @@ def conv_silu(x, weight, bias):
     No gradients. Returns y (batch, L, c)."""
     x = x.contiguous()
     y = torch.empty_like(x)
-    bias = x.new_zeros(x.shape[2]) if bias is None else bias.to(x.dtype).contiguous()
-    consts = torch.tensor([1.0, -math.log2(math.e)], dtype=x.dtype)
-    _run("conv_silu", x, weight.to(x.dtype).t().contiguous(), bias, y, consts,
-         x.dtype != torch.float32)
+    _run("conv_silu", x, weight.to(x.dtype).t().contiguous(),
+         _zeros_if_none(bias, x).to(x.dtype).contiguous(), y, x.dtype != torch.float32)
     return y
