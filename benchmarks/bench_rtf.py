@@ -34,6 +34,7 @@ or noise. The machine load (os.getloadavg) is printed: other processes on the co
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,8 @@ def main():
                              "to 60 s: beyond, chunks of the same size repeat, see the docstring)")
     parser.add_argument("--only", default=None, help="run the rows whose name contains this")
     parser.add_argument("--work-dir", default=None,
-                        help="exported models and audio are kept here and reused (default: temp)")
+                        help="exported models and audio are kept here and reused (default: a "
+                             "temporary folder, removed at the end)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row
     args = parser.parse_args()
     if args.row:
@@ -129,7 +131,15 @@ def main():
     s2s_durations = args.s2s_durations or [d for d in durations if d <= 60]
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_rtf_")
     os.makedirs(work, exist_ok=True)
+    try:
+        run_rows(args, durations, s2s_durations, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def run_rows(args, durations, s2s_durations, work):
+    """Export the models and time every row, one subprocess per row."""
     import soundfile
 
     wavs = {}
@@ -172,7 +182,8 @@ def main():
                         f"{r['loaded_mb']:>9.0f} {r['peak_mb']:>8.0f}")
             print(line, flush=True)
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"(models and audio in {work})")
+    if args.work_dir:
+        print(f"(models and audio kept in {work})")
 
 
 if __name__ == "__main__":
