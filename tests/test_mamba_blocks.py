@@ -348,18 +348,24 @@ def test_fused_directions_equal_two_scans(dtype, tol, lengths):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_compiled_conv_equals_official_math_without_gradients(dtype, tol, monkeypatch):
+def test_compiled_inference_equals_official_math(dtype, tol, monkeypatch):
     """With the compiled CPU kernels in use, inference runs the causal conv and its SiLU as one
-    compiled pass (scan_cpu.conv_silu): the official math's outputs (F.conv1d), also for fewer
-    frames than taps and with padding; with gradients the PyTorch ops run."""
-    from modules.mamba import scan_cpu
+    compiled pass (scan_cpu.conv_silu), and BiMamba both directions without reversed copies
+    (the backward direction's conv anti-causal, its scan backwards in time, within each
+    sequence's length): the official math's outputs (F.conv1d, flips), also for fewer frames
+    than taps and with padding (lengths 1 and 3 among them); with gradients the PyTorch ops run;
+    a forced reference backend keeps the kernels out."""
+    from modules.mamba import mamba_blocks, scan_cpu
 
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
     if not scan_cpu.available():
         pytest.skip("numba is not installed: no compiled CPU kernel")
     calls = []
     kernel = scan_cpu.conv_silu
-    monkeypatch.setattr(scan_cpu, "conv_silu", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(scan_cpu, "conv_silu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    both = BiMamba._both_directions_compiled
+    monkeypatch.setattr(BiMamba, "_both_directions_compiled",
+                        lambda *a: calls.append("bi") or both(*a))
     bi = perturbed(BiMamba(40, d_state=8)).to(dtype)  # 2 x 80 conv channels
     uni = perturbed(Mamba(40, d_state=8)).to(dtype)
     x = torch.randn(2, 21, 40, dtype=dtype)
@@ -368,12 +374,20 @@ def test_compiled_conv_equals_official_math_without_gradients(dtype, tol, monkey
         torch.testing.assert_close(uni(x), official_mamba(uni, x), rtol=0, atol=tol)
         short = x[:, :2]
         torch.testing.assert_close(uni(short), official_mamba(uni, short), rtol=0, atol=tol)
-        padded, pad_mask = padded_batch([21, 9], 40, dtype)
+        torch.testing.assert_close(bi(short), official_bimamba_v2(bi, short), rtol=0, atol=tol)
+        lengths = (21, 9, 1, 3)
+        padded, pad_mask = padded_batch(lengths, 40, dtype)
         out = bi(padded, pad_mask)
-        for i, length in enumerate((21, 9)):
+        assert out[pad_mask].abs().max() == 0
+        for i, length in enumerate(lengths):
             alone = padded[i:i + 1, :length]
             torch.testing.assert_close(out[i:i + 1, :length], official_bimamba_v2(bi, alone),
                                        rtol=0, atol=tol)
-    assert len(calls) == 4
+    assert calls == ["bi", 1, 1, 1, "bi", 1, "bi", 1]
     bi(x).sum().backward()
-    assert len(calls) == 4 and bi.conv1d.weight.grad is not None
+    assert len(calls) == 8 and bi.conv1d.weight.grad is not None
+    monkeypatch.setenv("MAMBA_SCAN_BACKEND", "ref")
+    with torch.no_grad():
+        torch.testing.assert_close(bi(x), official_bimamba_v2(bi, x), rtol=0, atol=tol)
+    assert len(calls) == 8
+    assert not mamba_blocks.compiled_cpu_inference(x)

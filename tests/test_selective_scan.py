@@ -425,6 +425,54 @@ def test_compiled_kernels_do_not_depend_on_the_thread_count(monkeypatch):
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_kernel_lengths_and_reversed_groups(dtype):
+    """The forward kernel's inference options (BiMamba's backward direction without reversed
+    copies): with lengths, frames at or past a sequence's length give 0 and leave its state
+    unchanged; groups from reverse_from on equal the reference scan of each sequence reversed
+    within its length (outputs and last state); z read at an offset of a wider tensor. Groups
+    of a full and a partial channel block, lengths 1 and L among them; checkpoints (training)
+    cannot be combined with either."""
+    from modules.mamba import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    batch, d_inner, d_state, length, groups = 3, 180, 4, 41, 2
+    inputs = grouped_inputs(batch, d_inner, d_state, length, groups, dtype=dtype)
+    lengths = torch.tensor([41, 17, 1])
+    width = d_inner // groups
+    wide_z = torch.randn(batch, length, 7 + width, dtype=dtype)  # z = wide_z[..., 7:], shared
+    to_kernel = (lambda t: t.transpose(1, 2).contiguous())  # noqa: E731  (batch, L, c)
+    h = torch.zeros(batch, d_inner, d_state, dtype=dtype)
+    y = scan_cpu.fused_forward(
+        to_kernel(inputs["delta"]), inputs["delta_bias"], to_kernel(inputs["u"]), wide_z,
+        inputs["B"].permute(0, 3, 1, 2).contiguous(), inputs["C"].permute(0, 3, 1, 2).contiguous(),
+        (inputs["A"] * scan_cpu.LOG2E).contiguous(), inputs["D"], h, width, True,
+        lengths=lengths, reverse_from=1, z_offset=7).transpose(1, 2)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for i, n in enumerate(lengths.tolist()):
+        for g, flip in ((0, False), (1, True)):
+            cs = slice(g * width, (g + 1) * width)
+            time = (lambda t: t[..., :n].flip(-1) if flip else t[..., :n])  # noqa: E731
+            part = {"u": time(inputs["u"][i:i + 1, cs]),
+                    "delta": time(inputs["delta"][i:i + 1, cs]),
+                    "B": time(inputs["B"][i:i + 1, g]), "C": time(inputs["C"][i:i + 1, g]),
+                    "z": time(wide_z[i:i + 1, :, 7:].transpose(1, 2)), "A": inputs["A"][cs],
+                    "D": inputs["D"][cs], "delta_bias": inputs["delta_bias"][cs]}
+            out, last = selective_scan_ref(**part, delta_softplus=True, return_last_state=True)
+            got = y[i:i + 1, cs, :n]
+            assert rel_err(got.flip(-1) if flip else got, out) < tol, (i, g)
+            assert rel_err(h[i:i + 1, cs], last.to(dtype)) < tol, (i, g)
+            if n < length:
+                assert y[i, cs, n:].abs().max() == 0
+    with pytest.raises(ValueError, match="checkpoints"):
+        scan_cpu.fused_forward(to_kernel(inputs["delta"]), None, to_kernel(inputs["u"]), None,
+                               inputs["B"].permute(0, 3, 1, 2).contiguous(),
+                               inputs["C"].permute(0, 3, 1, 2).contiguous(),
+                               inputs["A"].contiguous(), None, h, width, True, every=8,
+                               lengths=lengths)
+
+
 def test_grouped_b_must_divide_channels():
     inputs = grouped_inputs(1, 8, 4, 5, groups=3)
     with pytest.raises(ValueError, match="divides d_inner"):

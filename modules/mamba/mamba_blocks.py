@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import scan_cpu
-from .scan import selective_scan, state_dtype
+from .scan import LOG2E, compiled_cpu_inference, selective_scan, state_dtype
 
 
 class MambaCache:
@@ -66,15 +66,14 @@ def valid_lengths(x, pad_mask=None):
     return _lengths(pad_mask, x)
 
 
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _compiled_conv(x, weight, bias):
-    """Whether the causal conv + SiLU of x runs as one compiled CPU pass: no gradients needed,
-    float32 / float64 on CPU, and the scan's compiled kernels already loaded (the scan decides
-    when to load them)."""
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)):
-        return False
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and scan_cpu.loaded())
+    """Whether the causal conv + SiLU of x runs as one compiled CPU pass: no gradients needed
+    and the scans run compiled (compiled_cpu_inference: the scan decides when to load them)."""
+    return not _needs_grad(x, weight, bias) and compiled_cpu_inference(x)
 
 
 def _reverse_valid(x, lengths):
@@ -349,8 +348,11 @@ class BiMamba(Mamba):
             reverse = (lambda t: _reverse_valid(t, lengths))  # noqa: E731
             # keeps non-finite junk in the padding out of the gradients
             x = x.masked_fill(pad_mask[:, :, None], 0.0)
-        y_f, y_b = self._both_directions(self.in_proj(x), reverse)
-        y_b = reverse(y_b)
+        xz = self.in_proj(x)
+        if not _needs_grad(xz, *self.parameters()) and compiled_cpu_inference(xz):
+            y_f, y_b = self._both_directions_compiled(xz, lengths)
+        else:
+            y_f, y_b = self._both_directions(xz, reverse)
         if self.merge == "mean":
             y = y_f.add(y_b).mul_(0.5)
         else:
@@ -361,11 +363,11 @@ class BiMamba(Mamba):
         """Both directions' mixer outputs before out_proj, computed as ONE scan.
 
         xz: (B, L, 2 * d_inner) output of in_proj; reverse(t) reverses (B, L, c) tensors in time
-        within each sequence's valid length. Returns y_f, y_b (B, L, d_inner), y_b in reversed
-        time. The directions sit side by side as 2 * d_inner channels (conv, scan, gate), B and
-        C as two groups, so the scan's per-call, per-block and per-step overheads are paid once
-        (at batch 1 they are a large part of a scan). Each direction's conv sees its own
-        sequence (padding is on the right in both orders), so this equals two scans.
+        within each sequence's valid length. Returns y_f, y_b (B, L, d_inner). The directions sit
+        side by side as 2 * d_inner channels (conv, scan, gate), B and C as two groups, so the
+        scan's per-call, per-block and per-step overheads are paid once (at batch 1 they are a
+        large part of a scan). Each direction's conv sees its own sequence (padding is on the
+        right in both orders), so this equals two scans.
         """
         d, n = self.d_inner, self.d_state
         forward_dir, backward_dir = self._directions()
@@ -391,6 +393,34 @@ class BiMamba(Mamba):
         u, delta, z = (t.transpose(1, 2) for t in (x, delta, z))
         y = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
         y = y.transpose(1, 2)
+        return y[..., :d], reverse(y[..., d:])
+
+    def _both_directions_compiled(self, xz, lengths):
+        """_both_directions at inference with the compiled CPU kernels, without reversed copies:
+        the conv kernel runs the backward direction's conv anti-causally and the scan kernel runs
+        its channels backwards in time, each within the valid lengths (B,) (None: all frames);
+        one matmul per projection (block-diagonal weights of both directions); z read from xz.
+        Returns y_f, y_b (B, L, d_inner), zero at padded frames."""
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        forward_dir, backward_dir = self._directions()
+        both = (lambda i: torch.cat([forward_dir[i], backward_dir[i]]))  # noqa: E731
+        conv_f, conv_b = forward_dir[0], backward_dir[0]
+        dtype = xz.dtype
+        xz = xz.contiguous()
+        weight = torch.cat([conv_f.weight[:, 0, :], conv_b.weight[:, 0, :]])  # (2d, d_conv)
+        bias = None if conv_f.bias is None else torch.cat([conv_f.bias, conv_b.bias])
+        u = scan_cpu.conv_silu(xz, weight, bias, lengths, split=d)  # (B, L, 2d)
+        x_dbl = F.linear(u, torch.block_diag(forward_dir[1].weight, backward_dir[1].weight)
+                         .to(dtype))  # (B, L, 2 (r + 2n)): dt, B, C of each direction
+        dt, B, C = x_dbl.view(*x_dbl.shape[:2], 2, r + 2 * n).split([r, n, n], dim=-1)
+        delta = F.linear(dt.flatten(2), torch.block_diag(forward_dir[2].weight,
+                                                         backward_dir[2].weight).to(dtype))
+        A2 = both(3).to(dtype).exp().mul_(-LOG2E)  # (2d, n)
+        state = u.new_zeros(u.shape[0], 2 * d, n)
+        y = scan_cpu.fused_forward(
+            delta, torch.cat([forward_dir[2].bias, backward_dir[2].bias]).to(dtype), u, xz,
+            B.contiguous(), C.contiguous(), A2, both(4).to(dtype), state, d, True,
+            lengths=lengths, reverse_from=1, z_offset=d)
         return y[..., :d], y[..., d:]
 
     def allocate_inference_cache(self, *args, **kwargs):

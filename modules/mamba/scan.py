@@ -740,6 +740,21 @@ def _log_first_use(choice, why, device_type):
                     choice, device_type, why)
 
 
+def compiled_cpu_inference(x):
+    """Whether the scans of activations like x (CPU float32 / float64) run the compiled CPU
+    kernels now: the torch backend (auto, or forced) and the kernels loaded (scan_cpu.loaded).
+    Mamba layers then take the kernels' fused inference paths (conv, both BiMamba directions);
+    logs the backend's first use as selective_scan does."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or not scan_cpu.loaded()):
+        return False
+    choice, why = _resolve(None, "cpu", x.dtype)
+    if choice != "torch":
+        return False
+    _log_first_use(choice, why, "cpu")
+    return True
+
+
 def _common_dtype(*tensors):
     dtype = tensors[0].dtype
     for t in tensors[1:]:

@@ -163,27 +163,37 @@ def _sigmoid_impl(v, exact):
     return np.float32(1.0) / (np.float32(1.0) + _exp2(v * np.float32(-LOG2E), False))
 
 
-def _forward_steps_impl(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs,
-                        step, x, acc, has_gate, softplus, exact):
-    """_fused_forward for the channels c0 ... c0 + width - 1 (group g) of sequence b, all frames;
-    hs (n, width) the state, a2 (n, width) A2 transposed; step, x, acc: scratch (width,). The
-    inner loops run over the channels (contiguous in (batch, L, c)): the vector lanes. Inputs
-    are copied to the scratch arrays once per frame: read in the loop over states, they would be
-    reloaded for every state (the compiler cannot tell that hs does not overlap them)."""
+def _forward_steps_impl(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, zc0, width, a2,
+                        hs, step, x, acc, frames, reverse, has_gate, softplus, exact):
+    """_fused_forward for the channels c0 ... c0 + width - 1 (group g; the gate reads z's
+    channels from zc0) of sequence b, its first `frames` frames, in reverse time order if
+    `reverse`; later frames get y = 0. hs (n, width) the state, a2 (n, width) A2 transposed;
+    step, x, acc: scratch (width,). The inner loops run over the channels (contiguous in
+    (batch, L, c)): the vector lanes. Inputs are copied to the scratch arrays once per frame:
+    read in the loop over states, they would be reloaded for every state (the compiler cannot
+    tell that hs does not overlap them)."""
     d_state = a2.shape[0]
-    for t in range(u.shape[1]):
+    bias_j, D_j = bias[c0:c0 + width], D[c0:c0 + width]
+    for i in range(frames):
+        t = frames - 1 - i if reverse else i
+        # views of this frame's channels: an offset index (c0 + j) in the loops would not
+        # vectorise (numba's negative-index check on it hides the access pattern)
+        delta_j, u_j = delta[b, t, c0:c0 + width], u[b, t, c0:c0 + width]
+        y_j = y[b, t, c0:c0 + width]
         if every > 0 and t % every == 0:
+            ckpt_t = ckpt[b, t // every]
             for k in range(d_state):
+                ckpt_k = ckpt_t[k, c0:c0 + width]
                 for j in range(width):
-                    ckpt[b, t // every, k, c0 + j] = hs[k, j]
+                    ckpt_k[j] = hs[k, j]
         for j in range(width):  # separate loops, not branches in one: they vectorise
-            step[j] = delta[b, t, c0 + j] + bias[c0 + j]
+            step[j] = delta_j[j] + bias_j[j]
         if softplus:
             for j in range(width):
                 step[j] = _softplus(step[j], exact)
         for j in range(width):
-            x[j] = step[j] * u[b, t, c0 + j]
-            acc[j] = D[c0 + j] * u[b, t, c0 + j]
+            x[j] = step[j] * u_j[j]
+            acc[j] = D_j[j] * u_j[j]
         for k in range(d_state):
             b_k = B[b, t, g, k]
             c_k = C[b, t, g, k]
@@ -192,12 +202,14 @@ def _forward_steps_impl(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, wi
                 hs[k, j] = s
                 acc[j] += c_k * s
         if has_gate:
+            z_j = z[b, t, zc0:zc0 + width]
             for j in range(width):
-                zz = z[b, t, c0 + j]
-                y[b, t, c0 + j] = acc[j] * zz * _sigmoid(zz, exact)
+                y_j[j] = acc[j] * z_j[j] * _sigmoid(z_j[j], exact)
         else:
             for j in range(width):
-                y[b, t, c0 + j] = acc[j]
+                y_j[j] = acc[j]
+    for t in range(frames, u.shape[1]):
+        y[b, t, c0:c0 + width] = 0
 
 
 def _channel_block_impl(job, groups, per_group, group_size):
@@ -210,25 +222,34 @@ def _channel_block_impl(job, groups, per_group, group_size):
 
 
 def _fused_forward(delta, bias, u, z, B, C, A2, D, h, y, ckpt, every, group_size, has_gate,
-                   softplus, exact):
+                   softplus, exact, lengths, reverse_from, z_offset):
     """The forward of a scan, one pass over time, blocks of channels in parallel:
 
         dt = softplus(delta + bias) (or delta + bias);   h = 2^(dt A2) * h + dt u B
         y = (C . h + D u) * silu(z) (without z: C . h + D u)
 
-    delta, u, z, y: (batch, L, c), the layout of Mamba's activations (no transposes); bias (c,)
-    (zeros without); B, C (batch, L, G, n); A2 = A log2(e) (c, n); D (c,) (zeros without D);
-    h (batch, c, n): entry state, updated in place to the last state. every > 0: the state
-    entering frame j * every is stored in ckpt[:, j] (batch, ceil(L / every), n, c) for the
-    backward. Each job takes CHANNEL_BLOCK channels of one sequence (of one group) through
-    time; its state (n, CHANNEL_BLOCK) stays in cache and the decays are computed per step
-    (_exp2), not read from a buffer."""
+    delta, u, y: (batch, L, c), the layout of Mamba's activations (no transposes); z (batch, L,
+    z_offset + w), w dividing c: channel c is gated by z[..., z_offset + c mod w] (BiMamba's
+    directions share one z: in_proj's output, z_offset = d_inner); bias (c,) (zeros without);
+    B, C (batch, L, G, n); A2 = A log2(e) (c, n); D (c,) (zeros without D); h (batch, c, n):
+    entry state, updated in place to the last state. lengths (batch,): frames at or past a
+    sequence's length leave its state unchanged and give y = 0; groups from reverse_from on run
+    through each sequence's frames in reverse time order (BiMamba's backward direction, without
+    reversed copies).
+    every > 0: the state entering frame j * every is stored in ckpt[:, j] (batch,
+    ceil(L / every), n, c) for the backward. Each job takes CHANNEL_BLOCK channels of one
+    sequence (of one group) through time; its state (n, CHANNEL_BLOCK) stays in cache and the
+    decays are computed per step (_exp2), not read from a buffer."""
     batch, length, channels = u.shape
     d_state = A2.shape[1]
     groups = channels // group_size
     per_group = -(-group_size // CHANNEL_BLOCK)
+    z_fold = z.shape[2] - z_offset
     for job in prange(batch * groups * per_group):
         b, g, _, c0, width = _channel_block(job, groups, per_group, group_size)
+        zc0 = z_offset + c0 % z_fold
+        frames = min(length, lengths[b])
+        reverse = g >= reverse_from
         a2 = np.empty((d_state, CHANNEL_BLOCK), h.dtype)
         hs = np.empty((d_state, CHANNEL_BLOCK), h.dtype)
         step = np.empty(CHANNEL_BLOCK, h.dtype)
@@ -239,11 +260,12 @@ def _fused_forward(delta, bias, u, z, B, C, A2, D, h, y, ckpt, every, group_size
                 a2[k, j] = A2[c0 + j, k]
                 hs[k, j] = h[b, c0 + j, k]
         if width == CHANNEL_BLOCK:  # a constant trip count for the compiler
-            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, CHANNEL_BLOCK,
-                           a2, hs, step, x, acc, has_gate, softplus, exact)
+            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, zc0,
+                           CHANNEL_BLOCK, a2, hs, step, x, acc, frames, reverse, has_gate,
+                           softplus, exact)
         else:
-            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, width, a2, hs,
-                           step, x, acc, has_gate, softplus, exact)
+            _forward_steps(delta, bias, u, z, B, C, D, y, ckpt, every, b, g, c0, zc0, width, a2,
+                           hs, step, x, acc, frames, reverse, has_gate, softplus, exact)
         for k in range(d_state):
             for j in range(width):
                 h[b, c0 + j, k] = hs[k, j]
@@ -263,10 +285,14 @@ def _backward_block_impl(inputs, outputs, work, b, g, part, c0, width, t0, steps
     d_state = a2.shape[0]
     step, dy, dstep = frames[0], frames[1], frames[2]
     x, acc_u, acc_a = scratch[0], scratch[1], scratch[2]
+    cs = slice(c0, c0 + width)  # views of the block's channels, as in _forward_steps
+    bias_j, D_j = bias[cs], D[cs]
     for i in range(steps):  # recompute the states (H[i + 1] after frame t0 + i) and decays
         t = t0 + i
+        u_j = u[b, t, cs]
+        delta_j = delta[b, t, cs]
         for j in range(width):  # separate loops, not branches in one: they vectorise
-            step[i, j] = delta[b, t, c0 + j] + bias[c0 + j]
+            step[i, j] = delta_j[j] + bias_j[j]
         if softplus:
             for j in range(width):
                 dstep[i, j] = _sigmoid(step[i, j], exact)
@@ -275,8 +301,8 @@ def _backward_block_impl(inputs, outputs, work, b, g, part, c0, width, t0, steps
             for j in range(width):
                 dstep[i, j] = 1.0
         for j in range(width):
-            x[j] = step[i, j] * u[b, t, c0 + j]
-            acc_u[j] = D[c0 + j] * u[b, t, c0 + j]
+            x[j] = step[i, j] * u_j[j]
+            acc_u[j] = D_j[j] * u_j[j]
         for k in range(d_state):
             b_k = B[b, t, g, k]
             c_k = C[b, t, g, k]
@@ -286,21 +312,23 @@ def _backward_block_impl(inputs, outputs, work, b, g, part, c0, width, t0, steps
                 s = d * H[i, k, j] + x[j] * b_k
                 H[i + 1, k, j] = s
                 acc_u[j] += c_k * s
+        dout_j = dout[b, t, cs]
         if has_gate:  # acc_u: the output before the gate
+            z_j, dz_j = z[b, t, cs], dz[b, t, cs]
             for j in range(width):
-                zz = z[b, t, c0 + j]
+                zz = z_j[j]
                 sg = _sigmoid(zz, exact)
-                go = dout[b, t, c0 + j]
+                go = dout_j[j]
                 dy[i, j] = go * zz * sg
-                dz[b, t, c0 + j] = go * acc_u[j] * sg * (np.float32(1.0)
-                                                         + zz * (np.float32(1.0) - sg))
+                dz_j[j] = go * acc_u[j] * sg * (np.float32(1.0) + zz * (np.float32(1.0) - sg))
         else:
             for j in range(width):
-                dy[i, j] = dout[b, t, c0 + j]
+                dy[i, j] = dout_j[j]
     for i in range(steps - 1, -1, -1):  # adjoint: adj_t = C_t dy_t + exp(dt_{t+1} A) adj_{t+1}
         t = t0 + i
+        u_j = u[b, t, cs]
         for j in range(width):
-            x[j] = step[i, j] * u[b, t, c0 + j]
+            x[j] = step[i, j] * u_j[j]
             acc_u[j] = 0.0
             acc_a[j] = 0.0
         for k in range(d_state):
@@ -319,11 +347,11 @@ def _backward_block_impl(inputs, outputs, work, b, g, part, c0, width, t0, steps
                 sum_c += dy[i, j] * H[i + 1, k, j]
             dB[part, b, t, g, k] = sum_b
             dC[part, b, t, g, k] = sum_c
+        ddelta_j, du_j = ddelta[b, t, cs], du[b, t, cs]
         for j in range(width):
-            u_t = u[b, t, c0 + j]
-            ddelta[b, t, c0 + j] = (acc_u[j] * u_t + acc_a[j]) * dstep[i, j]
-            du[b, t, c0 + j] = acc_u[j] * step[i, j] + dy[i, j] * D[c0 + j]
-            grad_d[j] += dy[i, j] * u_t
+            ddelta_j[j] = (acc_u[j] * u_j[j] + acc_a[j]) * dstep[i, j]
+            du_j[j] = acc_u[j] * step[i, j] + dy[i, j] * D_j[j]
+            grad_d[j] += dy[i, j] * u_j[j]
 
 
 def _fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_size, has_gate,
@@ -378,25 +406,35 @@ def _fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_
             dD[b, c0 + j] = grad_d[j]
 
 
-def _conv_silu(x, taps, bias, y, exact):
+def _conv_silu(x, taps, bias, y, exact, lengths, split):
     """y = silu(bias + sum_i taps[i] x[t - k + 1 + i]) (zeros before the start): Mamba's causal
-    depthwise conv and its SiLU in one pass. x, y (batch, L, c); taps (k, c) (the conv weight
-    transposed); bias (c,) (zeros without bias). Jobs of CONV_TILE frames of one sequence, the
-    inner loops over all channels: a few operations per element, so loops as long as possible
-    (channel blocks would leave the loops' set-up costs dominating)."""
-    batch, length, channels = x.shape
+    depthwise conv and its SiLU in one pass, for channels c < split; channels c >= split are
+    BiMamba's backward direction, the same conv run over each sequence reversed within its
+    length, written in forward time:
+    y[t, c] = silu(bias + sum_i taps[i] x[t + k - 1 - i, c - split]) (x = 0 from lengths[b] on).
+    x (batch, L, >= split), y (batch, L, c); taps (k, c) (the conv weights transposed); bias (c,)
+    (zeros without bias). Jobs of CONV_TILE frames of one
+    sequence, the inner loops over all channels: a few operations per element, so loops as long
+    as possible (channel blocks would leave the loops' set-up costs dominating)."""
+    batch, length, channels = y.shape
     k = taps.shape[0]
     n_tiles = -(-length // CONV_TILE)
     for job in prange(batch * n_tiles):
         b = job // n_tiles
         t0 = (job % n_tiles) * CONV_TILE
-        acc = np.empty(channels, x.dtype)
+        frames = min(length, lengths[b])
+        acc = np.empty(channels, y.dtype)
+        anti = acc[split:]  # views: an offset index in the loop would not vectorise
         for t in range(t0, min(length, t0 + CONV_TILE)):
             for c in range(channels):
                 acc[c] = bias[c]
             for i in range(max(0, k - 1 - t), k):
-                for c in range(channels):
+                for c in range(split):
                     acc[c] += taps[i, c] * x[b, t - k + 1 + i, c]
+            for i in range(max(0, t + k - frames), k):
+                anti_taps = taps[i, split:]
+                for c in range(channels - split):
+                    anti[c] += anti_taps[c] * x[b, t + k - 1 - i, c]
             for c in range(channels):
                 y[b, t, c] = acc[c] * _sigmoid(acc[c], exact)
 
@@ -421,18 +459,31 @@ def _run(name, *args):
         torch.set_num_threads(threads)
 
 
-def fused_forward(delta, bias, u, z, B, C, A2, D, h, group_size, softplus, every=0):
-    """See _fused_forward: delta, u, z (or None) (batch, L, c); bias (c,) or None; B, C
-    (batch, L, G, n); A2 (c, n); D (c,) or None; h (batch, c, n) advanced in place; all
-    contiguous, one dtype. every > 0: also returns the checkpoints (batch, ceil(L / every), n, c).
+def fused_forward(delta, bias, u, z, B, C, A2, D, h, group_size, softplus, every=0,
+                  lengths=None, reverse_from=None, z_offset=0):
+    """See _fused_forward: delta, u (batch, L, c); z (or None) (batch, L, c) or wider with
+    z_offset; bias (c,) or None; B, C (batch, L, G, n); A2 (c, n); D (c,) or None; h (batch, c, n)
+    advanced in place; all contiguous, one dtype. lengths (batch,) or None (all L); groups from
+    reverse_from (default: none) run in reverse time. every > 0 (not with lengths or reversed
+    groups): also returns the checkpoints (batch, ceil(L / every), n, c).
     Returns y (batch, L, c)[, ckpt]."""
     batch, length, channels = u.shape
+    groups = channels // group_size
+    if every and (lengths is not None or reverse_from is not None):
+        raise ValueError("checkpoints for the backward need full-length, forward-time groups")
     y = torch.empty_like(u)
     ckpt = u.new_empty(batch, -(-length // every) if every else 0, h.shape[2], channels)
     _run("forward", delta, _zeros_if_none(bias, u), u, u if z is None else z, B, C, A2,
          _zeros_if_none(D, u), h, y, ckpt, every, group_size, z is not None, softplus,
-         u.dtype != torch.float32)
+         u.dtype != torch.float32, _lengths_or_full(lengths, batch, length),
+         groups if reverse_from is None else reverse_from, z_offset)
     return (y, ckpt) if every else y
+
+
+def _lengths_or_full(lengths, batch, length):
+    if lengths is None:
+        return torch.full((batch,), length, dtype=torch.long)
+    return lengths.to(device="cpu", dtype=torch.long).contiguous()
 
 
 def _zeros_if_none(vector, like):
@@ -467,11 +518,15 @@ def loaded():
     return available() and (bool(_KERNELS) or os.environ.get("MAMBA_SCAN_NUMBA") == "1")
 
 
-def conv_silu(x, weight, bias):
-    """See _conv_silu: x (batch, L, c) CPU float32 / float64; weight (c, k); bias (c,) or None.
-    No gradients. Returns y (batch, L, c)."""
+def conv_silu(x, weight, bias, lengths=None, split=None):
+    """See _conv_silu: x (batch, L, >= split) CPU float32 / float64; weight (c, k); bias (c,)
+    or None; channels from split on (default: none) are anti-causal (BiMamba's backward
+    direction, reading x[..., c - split]) up to lengths (batch,) (default: all L). No gradients.
+    Returns y (batch, L, c)."""
     x = x.contiguous()
-    y = torch.empty_like(x)
+    channels = weight.shape[0]
+    y = x.new_empty(x.shape[0], x.shape[1], channels)
     _run("conv_silu", x, weight.to(x.dtype).t().contiguous(),
-         _zeros_if_none(bias, x).to(x.dtype).contiguous(), y, x.dtype != torch.float32)
+         _zeros_if_none(bias, y).to(x.dtype).contiguous(), y, x.dtype != torch.float32,
+         _lengths_or_full(lengths, x.shape[0], x.shape[1]), channels if split is None else split)
     return y
