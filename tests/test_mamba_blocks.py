@@ -391,3 +391,39 @@ def test_compiled_inference_equals_official_math(dtype, tol, monkeypatch):
         torch.testing.assert_close(bi(x), official_bimamba_v2(bi, x), rtol=0, atol=tol)
     assert len(calls) == 8
     assert not mamba_blocks.compiled_cpu_inference(x)
+
+
+def test_compiled_inference_weights_follow_parameter_changes(monkeypatch):
+    """BiMamba's compiled inference keeps both directions' weights between calls; changing a
+    parameter in place (an optimizer step, load_state_dict) or converting the module rebuilds
+    them: outputs always equal the PyTorch path's."""
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    m = perturbed(BiMamba(16, d_state=4))
+    x = torch.randn(2, 9, 16)
+
+    def check():
+        with torch.no_grad():
+            fast = m(x)
+        monkeypatch.setenv("MAMBA_SCAN_BACKEND", "ref")
+        with torch.no_grad():
+            ref = m(x)
+        monkeypatch.delenv("MAMBA_SCAN_BACKEND")
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-10 if x.dtype == torch.float64
+                                   else 1e-5)
+
+    check()
+    with torch.no_grad():
+        m.A_b_log.add_(0.5)
+    check()
+    m(x).square().sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    check()
+    m.load_state_dict(perturbed(BiMamba(16, d_state=4)).state_dict())
+    check()
+    m = m.double()
+    x = x.double()
+    check()

@@ -636,3 +636,32 @@ def test_compiled_kernels_load_once_pure_pytorch_scans_add_up(monkeypatch):
     assert scan_cpu.usable_for(torch.zeros(1, 8, 3 * 2368 // 32 + 1), 4)  # one large scan
     monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     assert not scan_cpu.usable_for(u, 4)
+
+
+def test_kernels_prefer_512_bit_vectors_only_where_asked_for():
+    """Before numba is imported, an AVX-512 host gets NUMBA_CPU_FEATURES = its features without
+    LLVM's 256-bit preference; a value the user set, MAMBA_SCAN_AVX512=0, or a host without
+    AVX-512 leave it alone."""
+    import subprocess
+    import sys
+
+    from modules.mamba import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    import llvmlite.binding as llvm
+
+    host = llvm.get_host_cpu_features().flatten()
+    code = ("import os; from modules.mamba import scan_cpu; scan_cpu._prefer_512_bit_vectors(); "
+            "print(repr(os.environ.get('NUMBA_CPU_FEATURES')))")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME", "MAMBA_SCAN_AVX512")}
+
+    def features(**env):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env=dict(base, **env)).stdout.strip()
+
+    expected = host + ",-prefer-256-bit" if "+avx512f" in host.split(",") else None
+    assert features() == repr(expected)
+    assert features(MAMBA_SCAN_AVX512="0") == "None"
+    assert features(NUMBA_CPU_FEATURES="+avx2") == repr("+avx2")

@@ -402,26 +402,43 @@ class BiMamba(Mamba):
         one matmul per projection (block-diagonal weights of both directions); z read from xz.
         Returns y_f, y_b (B, L, d_inner), zero at padded frames."""
         d, n, r = self.d_inner, self.d_state, self.dt_rank
-        forward_dir, backward_dir = self._directions()
-        both = (lambda i: torch.cat([forward_dir[i], backward_dir[i]]))  # noqa: E731
-        conv_f, conv_b = forward_dir[0], backward_dir[0]
-        dtype = xz.dtype
+        w = self._both_directions_weights(xz.dtype)
         xz = xz.contiguous()
-        weight = torch.cat([conv_f.weight[:, 0, :], conv_b.weight[:, 0, :]])  # (2d, d_conv)
-        bias = None if conv_f.bias is None else torch.cat([conv_f.bias, conv_b.bias])
-        u = scan_cpu.conv_silu(xz, weight, bias, lengths, split=d)  # (B, L, 2d)
-        x_dbl = F.linear(u, torch.block_diag(forward_dir[1].weight, backward_dir[1].weight)
-                         .to(dtype))  # (B, L, 2 (r + 2n)): dt, B, C of each direction
+        u = scan_cpu.conv_silu(xz, w["conv"], w["conv_bias"], lengths, split=d)  # (B, L, 2d)
+        x_dbl = F.linear(u, w["x_proj"])  # (B, L, 2 (r + 2n)): dt, B, C of each direction
         dt, B, C = x_dbl.view(*x_dbl.shape[:2], 2, r + 2 * n).split([r, n, n], dim=-1)
-        delta = F.linear(dt.flatten(2), torch.block_diag(forward_dir[2].weight,
-                                                         backward_dir[2].weight).to(dtype))
-        A2 = both(3).to(dtype).exp().mul_(-LOG2E)  # (2d, n)
+        delta = F.linear(dt.flatten(2), w["dt_proj"])  # (B, L, 2d)
         state = u.new_zeros(u.shape[0], 2 * d, n)
-        y = scan_cpu.fused_forward(
-            delta, torch.cat([forward_dir[2].bias, backward_dir[2].bias]).to(dtype), u, xz,
-            B.contiguous(), C.contiguous(), A2, both(4).to(dtype), state, d, True,
-            lengths=lengths, reverse_from=1, z_offset=d)
+        y = scan_cpu.fused_forward(delta, w["dt_bias"], u, xz, B.contiguous(), C.contiguous(),
+                                   w["A2"], w["D"], state, d, True, lengths=lengths,
+                                   reverse_from=1, z_offset=d)
         return y[..., :d], y[..., d:]
+
+    def _both_directions_weights(self, dtype):
+        """Both directions' parameters as _both_directions_compiled takes them, in dtype:
+        conv (2d, d_conv), conv_bias (2d,) or None, block-diagonal x_proj (2 (r + 2n), 2d) and
+        dt_proj (2d, 2r), dt_bias, D (2d,), A2 = A log2(e) (2d, n). Kept until a parameter
+        changes (in place: its version; or replaced), so inference does not rebuild them."""
+        params = [p for direction in self._directions() for layer in direction
+                  for p in ((layer,) if isinstance(layer, nn.Parameter) else layer.parameters())]
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_weights_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        (conv_f, x_f, dt_f, A_f, D_f), (conv_b, x_b, dt_b, A_b, D_b) = self._directions()
+        both = (lambda f, b: torch.cat([f, b]).to(dtype))  # noqa: E731
+        with torch.no_grad():
+            weights = {
+                "conv": both(conv_f.weight[:, 0, :], conv_b.weight[:, 0, :]),
+                "conv_bias": None if conv_f.bias is None else both(conv_f.bias, conv_b.bias),
+                "x_proj": torch.block_diag(x_f.weight, x_b.weight).to(dtype),
+                "dt_proj": torch.block_diag(dt_f.weight, dt_b.weight).to(dtype),
+                "dt_bias": both(dt_f.bias, dt_b.bias),
+                "D": both(D_f, D_b),
+                "A2": both(A_f, A_b).exp().mul_(-LOG2E).contiguous(),
+            }
+        self._weights_cache = (key, weights)
+        return weights
 
     def allocate_inference_cache(self, *args, **kwargs):
         raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")

@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ def _kernel(name):
     global prange, _as_float32, _exp2, _softplus, _sigmoid, _channel_block, _forward_steps
     global _backward_block
     if name not in _KERNELS:
+        _prefer_512_bit_vectors()
         try:
             import numba
         except ImportError:
@@ -87,6 +89,24 @@ def _kernel(name):
                 cache=True, boundscheck=False, error_model="numpy", parallel=True,
                 fastmath=FASTMATH)(fn)
     return _KERNELS[name]
+
+
+def _prefer_512_bit_vectors():
+    """On CPUs with AVX-512, lets LLVM use 512-bit vectors (its x86 tuning prefers 256 bits,
+    for older chips that slow their clock on them): the forward kernel's lanes double, ~15 %
+    faster here. numba reads NUMBA_CPU_FEATURES once, when it is imported: only if it is not
+    imported yet and the variable is not set (this then applies to all numba code in the
+    process; MAMBA_SCAN_AVX512=0 keeps LLVM's default)."""
+    if ("numba" in sys.modules or os.environ.get("NUMBA_CPU_FEATURES")
+            or os.environ.get("NUMBA_CPU_NAME") or os.environ.get("MAMBA_SCAN_AVX512") == "0"):
+        return
+    try:
+        import llvmlite.binding as llvm
+        features = llvm.get_host_cpu_features().flatten()
+    except (ImportError, RuntimeError):
+        return
+    if "+avx512f" in features.split(","):
+        os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
 
 
 def _bitcast_intrinsic(numba):
