@@ -405,13 +405,14 @@ class BiMamba(Mamba):
         w = self._both_directions_weights(xz.dtype)
         xz = xz.contiguous()
         u = scan_cpu.conv_silu(xz, w["conv"], w["conv_bias"], lengths, split=d)  # (B, L, 2d)
-        x_dbl = F.linear(u, w["x_proj"])  # (B, L, 2 (r + 2n)): dt, B, C of each direction
-        dt, B, C = x_dbl.view(*x_dbl.shape[:2], 2, r + 2 * n).split([r, n, n], dim=-1)
-        delta = F.linear(dt.flatten(2), w["dt_proj"])  # (B, L, 2d)
+        x_dbl = F.linear(u, w["x_proj"])  # (B, L, 2 (r + 2n)): both dt, both B, both C
+        dt, B, C = x_dbl.split([2 * r, 2 * n, 2 * n], dim=-1)
+        delta = F.linear(dt, w["dt_proj"])  # (B, L, 2d)
         state = u.new_zeros(u.shape[0], 2 * d, n)
-        y = scan_cpu.fused_forward(delta, w["dt_bias"], u, xz, B.contiguous(), C.contiguous(),
+        B, C = (t.unflatten(-1, (2, n)) for t in (B, C))  # (B, L, 2, n) views
+        y = scan_cpu.fused_forward(delta, w["dt_bias"], u, xz, B, C,
                                    w["A2"], w["D"], state, d, True, lengths=lengths,
-                                   reverse_from=1, z_offset=d)
+                                   reverse_from=1, z_offset=d, out=delta)
         return y[..., :d], y[..., d:]
 
     def _both_directions_weights(self, dtype):
@@ -426,12 +427,16 @@ class BiMamba(Mamba):
         if cached is not None and cached[0] == key:
             return cached[1]
         (conv_f, x_f, dt_f, A_f, D_f), (conv_b, x_b, dt_b, A_b, D_b) = self._directions()
+        r, n = self.dt_rank, self.d_state
         both = (lambda f, b: torch.cat([f, b]).to(dtype))  # noqa: E731
         with torch.no_grad():
             weights = {
                 "conv": both(conv_f.weight[:, 0, :], conv_b.weight[:, 0, :]),
                 "conv_bias": None if conv_f.bias is None else both(conv_f.bias, conv_b.bias),
-                "x_proj": torch.block_diag(x_f.weight, x_b.weight).to(dtype),
+                # rows: dt of both directions, then B of both, then C of both
+                "x_proj": torch.cat([torch.block_diag(*(w.split([r, n, n])[i] for w in
+                                                        (x_f.weight, x_b.weight)))
+                                     for i in range(3)]).to(dtype),
                 "dt_proj": torch.block_diag(dt_f.weight, dt_b.weight).to(dtype),
                 "dt_bias": both(dt_f.bias, dt_b.bias),
                 "D": both(D_f, D_b),

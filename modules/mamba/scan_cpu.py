@@ -480,18 +480,20 @@ def _run(name, *args):
 
 
 def fused_forward(delta, bias, u, z, B, C, A2, D, h, group_size, softplus, every=0,
-                  lengths=None, reverse_from=None, z_offset=0):
+                  lengths=None, reverse_from=None, z_offset=0, out=None):
     """See _fused_forward: delta, u (batch, L, c); z (or None) (batch, L, c) or wider with
-    z_offset; bias (c,) or None; B, C (batch, L, G, n); A2 (c, n); D (c,) or None; h (batch, c, n)
-    advanced in place; all contiguous, one dtype. lengths (batch,) or None (all L); groups from
+    z_offset; bias (c,) or None; B, C (batch, L, G, n) (contiguous, or views with any strides:
+    their reads are scalar); A2 (c, n); D (c,) or None; h (batch, c, n) advanced in place; the
+    others contiguous; one dtype. lengths (batch,) or None (all L); groups from
     reverse_from (default: none) run in reverse time. every > 0 (not with lengths or reversed
-    groups): also returns the checkpoints (batch, ceil(L / every), n, c).
+    groups): also returns the checkpoints (batch, ceil(L / every), n, c). out: y is written
+    there, which may be delta or u (a job reads a frame's inputs before it writes its outputs).
     Returns y (batch, L, c)[, ckpt]."""
     batch, length, channels = u.shape
     groups = channels // group_size
     if every and (lengths is not None or reverse_from is not None):
         raise ValueError("checkpoints for the backward need full-length, forward-time groups")
-    y = torch.empty_like(u)
+    y = torch.empty_like(u) if out is None else out
     ckpt = u.new_empty(batch, -(-length // every) if every else 0, h.shape[2], channels)
     _run("forward", delta, _zeros_if_none(bias, u), u, u if z is None else z, B, C, A2,
          _zeros_if_none(D, u), h, y, ckpt, every, group_size, z is not None, softplus,
