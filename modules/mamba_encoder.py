@@ -13,7 +13,8 @@ from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.config import build_mamba, check_mamba_config
-from modules.mamba.mamba_blocks import valid_lengths
+from modules.mamba.mamba_blocks import scan_work_per_frame, valid_lengths
+from modules.mamba.scan import anticipate_cpu_scans
 
 
 def no_chunking(dynchunktrain_config):
@@ -56,6 +57,7 @@ class EncoderStack(nn.Module):
         self.output_hidden_states = output_hidden_states
         self.layerdrop_prob = layerdrop_prob
         self.gradient_checkpointing = gradient_checkpointing
+        self.scan_work_per_frame = scan_work_per_frame(self)  # state updates per frame
 
     def forward(
         self,
@@ -76,6 +78,8 @@ class EncoderStack(nn.Module):
             for layer, layer_cache in zip(self.layers, cache):
                 output = layer(output, src_key_padding_mask, lengths, cache=layer_cache)
             return self.norm(output), None
+        # a long input: the CPU scans' compiled kernels are worth loading before the first layer
+        anticipate_cpu_scans(src, src.shape[0] * src.shape[1] * self.scan_work_per_frame)
         output = src
         hidden_states = [output]
         drop = self.training and self.layerdrop_prob > 0.0

@@ -665,3 +665,36 @@ def test_kernels_prefer_512_bit_vectors_only_where_asked_for():
     assert features() == repr(expected)
     assert features(MAMBA_SCAN_AVX512="0") == "None"
     assert features(NUMBA_CPU_FEATURES="+avx2") == repr("+avx2")
+
+
+def test_an_encoder_on_a_long_input_loads_the_kernels_before_its_first_scan(monkeypatch):
+    """A Mamba encoder stack whose scans on one input add up to LOAD_AFTER state updates loads
+    the compiled kernels before its first layer (every scan of that input runs compiled), not
+    after LOAD_AFTER updates of pure-PyTorch scans; a shorter input, or a forced reference
+    backend, leaves them unloaded."""
+    from modules.Conmamba import ConmambaEncoder
+    from modules.mamba import scan_cpu
+
+    monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
+    if not scan_cpu.available():
+        pytest.skip("numba is not installed: no compiled CPU kernel")
+    encoder = ConmambaEncoder(num_layers=2, d_model=16, d_ffn=32, kernel_size=3).eval()
+    per_frame = encoder.scan_work_per_frame
+    assert per_frame == 2 * 2 * 32 * 16  # 2 layers x 2 directions x d_inner 32 x d_state 16
+    monkeypatch.setattr(scan_cpu, "LOAD_AFTER", 40 * per_frame)
+    monkeypatch.setattr(scan_cpu, "_torch_work", 0)
+    monkeypatch.setattr(scan_cpu, "_KERNELS", {})
+    kernel_runs = []
+    fused_forward = scan_cpu.fused_forward
+    monkeypatch.setattr(scan_cpu, "fused_forward",
+                        lambda *a, **k: kernel_runs.append(1) or fused_forward(*a, **k))
+    with torch.no_grad():
+        encoder(torch.randn(1, 39, 16))
+        assert not scan_cpu.loaded() and scan_cpu._torch_work == 39 * per_frame
+        monkeypatch.setenv("MAMBA_SCAN_BACKEND", "ref")
+        encoder(torch.randn(1, 40, 16))
+        assert not scan_cpu.loaded() and not kernel_runs
+        monkeypatch.delenv("MAMBA_SCAN_BACKEND")
+        monkeypatch.setattr(scan_cpu, "_torch_work", 0)
+        encoder(torch.randn(1, 40, 16))
+    assert scan_cpu.loaded() and len(kernel_runs) == 2  # both layers' scans compiled

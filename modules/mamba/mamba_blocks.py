@@ -66,6 +66,13 @@ def valid_lengths(x, pad_mask=None):
     return _lengths(pad_mask, x)
 
 
+def scan_work_per_frame(module):
+    """State updates per frame and sequence of all (Bi)Mamba blocks in module: d_inner * d_state
+    per direction."""
+    return sum(len(m._directions()) * m.d_inner * m.d_state
+               for m in module.modules() if isinstance(m, Mamba))
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

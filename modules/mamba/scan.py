@@ -755,6 +755,15 @@ def compiled_cpu_inference(x):
     return True
 
 
+def anticipate_cpu_scans(x, state_updates):
+    """Before a run of scans on activations like x with state_updates in all (batch * frames *
+    channels * d_state, summed over the scans): on CPU float32 / float64 with the torch backend,
+    lets the compiled kernels load now if that work alone is worth it (scan_cpu.anticipate)."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and _resolve(None, "cpu", x.dtype)[0] == "torch"):
+        scan_cpu.anticipate(state_updates)
+
+
 def _common_dtype(*tensors):
     dtype = tensors[0].dtype
     for t in tensors[1:]:

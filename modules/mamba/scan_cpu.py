@@ -50,7 +50,8 @@ def usable_for(u, d_state, training=False, continuing=False):
     file or a stream of files. So unless MAMBA_SCAN_NUMBA=1, the kernels are first loaded by a
     scan with gradients (training), or by the scan that brings this process's pure-PyTorch scans
     to LOAD_AFTER state updates in all (about as long as loading takes: pay the rent until it
-    reaches the price), and then used for every scan. Scans that continue a state (continuing:
+    reaches the price), and then used for every scan; a caller that knows its scans' total
+    work up front may load them earlier (anticipate). Scans that continue a state (continuing:
     the pieces of a live stream) do not count: loading would stall the stream."""
     global _torch_work
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not available():
@@ -60,6 +61,15 @@ def usable_for(u, d_state, training=False, continuing=False):
     if not continuing:
         _torch_work += u.numel() * d_state
     return _torch_work >= LOAD_AFTER
+
+
+def anticipate(state_updates):
+    """Called before a run of scans (a whole encoder on a long input) with their state updates
+    in all: when that alone reaches LOAD_AFTER, the kernels load now instead of after LOAD_AFTER
+    updates of slower pure-PyTorch scans. Returns loaded()."""
+    if state_updates >= LOAD_AFTER and available() and not loaded():
+        _kernel("forward")
+    return loaded()
 
 
 def _kernel(name):
