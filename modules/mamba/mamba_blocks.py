@@ -6,6 +6,7 @@ code, by design: padded frames never influence valid ones (the backward directio
 sequence's true end) and outputs at padded frames are zero.
 """
 
+import itertools
 import math
 
 import torch
@@ -73,14 +74,16 @@ def scan_work_per_frame(module):
                for m in module.modules() if isinstance(m, Mamba))
 
 
-def _needs_grad(*tensors):
+def _needs_grad(tensors):
+    """Whether autograd records ops on any of tensors (an iterable, read only when grad mode is
+    on: a module's parameters cost nothing at inference)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _compiled_conv(x, weight, bias):
     """Whether the causal conv + SiLU of x runs as one compiled CPU pass: no gradients needed
     and the scans run compiled (compiled_cpu_inference: the scan decides when to load them)."""
-    return not _needs_grad(x, weight, bias) and compiled_cpu_inference(x)
+    return not _needs_grad((x, weight, bias)) and compiled_cpu_inference(x)
 
 
 def _reverse_valid(x, lengths):
@@ -356,7 +359,8 @@ class BiMamba(Mamba):
             # keeps non-finite junk in the padding out of the gradients
             x = x.masked_fill(pad_mask[:, :, None], 0.0)
         xz = self.in_proj(x)
-        if not _needs_grad(xz, *self.parameters()) and compiled_cpu_inference(xz):
+        recorded = _needs_grad(itertools.chain((xz,), self.parameters()))
+        if not recorded and compiled_cpu_inference(xz):
             y_f, y_b = self._both_directions_compiled(xz, lengths)
         else:
             y_f, y_b = self._both_directions(xz, reverse)
@@ -427,9 +431,7 @@ class BiMamba(Mamba):
         conv (2d, d_conv), conv_bias (2d,) or None, block-diagonal x_proj (2 (r + 2n), 2d) and
         dt_proj (2d, 2r), dt_bias, D (2d,), A2 = A log2(e) (2d, n). Kept until a parameter
         changes (in place: its version; or replaced), so inference does not rebuild them."""
-        params = [p for direction in self._directions() for layer in direction
-                  for p in ((layer,) if isinstance(layer, nn.Parameter) else layer.parameters())]
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
         cached = getattr(self, "_weights_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]

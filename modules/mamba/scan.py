@@ -740,27 +740,33 @@ def _log_first_use(choice, why, device_type):
                     choice, device_type, why)
 
 
-def compiled_cpu_inference(x):
-    """Whether the scans of activations like x (CPU float32 / float64) run the compiled CPU
-    kernels now: the torch backend (auto, or forced) and the kernels loaded (scan_cpu.loaded).
-    Mamba layers then take the kernels' fused inference paths (conv, both BiMamba directions);
-    logs the backend's first use as selective_scan does."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or not scan_cpu.loaded()):
-        return False
+def _torch_backend_on_cpu(x):
+    """(True, why) when scans of activations like x run the torch backend (auto, or forced) on
+    CPU float32 / float64: the case the compiled CPU kernels serve; else (False, None)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False, None
     choice, why = _resolve(None, "cpu", x.dtype)
-    if choice != "torch":
+    return choice == "torch", why
+
+
+def compiled_cpu_inference(x):
+    """Whether the scans of activations like x run the compiled CPU kernels now: the torch
+    backend on CPU (_torch_backend_on_cpu) and the kernels loaded (scan_cpu.loaded). Mamba
+    layers then take the kernels' fused inference paths (conv, both BiMamba directions); logs
+    the backend's first use as selective_scan does."""
+    if not scan_cpu.loaded():
         return False
-    _log_first_use(choice, why, "cpu")
-    return True
+    torch_on_cpu, why = _torch_backend_on_cpu(x)
+    if torch_on_cpu:
+        _log_first_use("torch", why, "cpu")
+    return torch_on_cpu
 
 
 def anticipate_cpu_scans(x, state_updates):
     """Before a run of scans on activations like x with state_updates in all (batch * frames *
-    channels * d_state, summed over the scans): on CPU float32 / float64 with the torch backend,
-    lets the compiled kernels load now if that work alone is worth it (scan_cpu.anticipate)."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _resolve(None, "cpu", x.dtype)[0] == "torch"):
+    channels * d_state, summed over the scans): with the torch backend on CPU, lets the compiled
+    kernels load now if that work alone is worth it (scan_cpu.anticipate)."""
+    if _torch_backend_on_cpu(x)[0]:
         scan_cpu.anticipate(state_updates)
 
 

@@ -66,10 +66,9 @@ def usable_for(u, d_state, training=False, continuing=False):
 def anticipate(state_updates):
     """Called before a run of scans (a whole encoder on a long input) with their state updates
     in all: when that alone reaches LOAD_AFTER, the kernels load now instead of after LOAD_AFTER
-    updates of slower pure-PyTorch scans. Returns loaded()."""
+    updates of slower pure-PyTorch scans."""
     if state_updates >= LOAD_AFTER and available() and not loaded():
         _kernel("forward")
-    return loaded()
 
 
 def _kernel(name):
@@ -265,9 +264,8 @@ def _fused_forward(delta, bias, u, z, B, C, A2, D, h, y, ckpt, every, group_size
     entry state, updated in place to the last state. lengths (batch,): frames at or past a
     sequence's length leave its state unchanged and give y = 0; groups from reverse_from on run
     through each sequence's frames in reverse time order (BiMamba's backward direction, without
-    reversed copies).
-    every > 0: the state entering frame j * every is stored in ckpt[:, j] (batch,
-    ceil(L / every), n, c) for the backward. Each job takes CHANNEL_BLOCK channels of one
+    reversed copies). every > 0: the state entering frame j * every is stored in ckpt[:, j]
+    (batch, ceil(L / every), n, c) for the backward. Each job takes CHANNEL_BLOCK channels of one
     sequence (of one group) through time; its state (n, CHANNEL_BLOCK) stays in cache and the
     decays are computed per step (_exp2), not read from a buffer."""
     batch, length, channels = u.shape
@@ -443,9 +441,9 @@ def _conv_silu(x, taps, bias, y, exact, lengths, split):
     length, written in forward time:
     y[t, c] = silu(bias + sum_i taps[i] x[t + k - 1 - i, c - split]) (x = 0 from lengths[b] on).
     x (batch, L, >= split), y (batch, L, c); taps (k, c) (the conv weights transposed); bias (c,)
-    (zeros without bias). Jobs of CONV_TILE frames of one
-    sequence, the inner loops over all channels: a few operations per element, so loops as long
-    as possible (channel blocks would leave the loops' set-up costs dominating)."""
+    (zeros without bias). Jobs of CONV_TILE frames of one sequence, the inner loops over all
+    channels: a few operations per element, so loops as long as possible (channel blocks would
+    leave the loops' set-up costs dominating)."""
     batch, length, channels = y.shape
     k = taps.shape[0]
     n_tiles = -(-length // CONV_TILE)
