@@ -55,8 +55,12 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         return stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None
 
     def front_end(self, wavs, wav_lens, stage):
-        """Waveforms (B, samples) -> CNN output (B', T/4, 32 * n_mels / 4); features augmented
-        in training, where B' may exceed B (see ``replicate_labels``)."""
+        """Waveforms (B, samples) -> CNN output (B', T/4, 32 * n_mels / 4); in training the batch
+        is speed-perturbed (with speed_perturb_per: batch) and the features augmented, where B'
+        may exceed B (see ``replicate_labels``). Relative lengths are unchanged by either."""
+        if (stage == sb.Stage.TRAIN and getattr(self.hparams, "speed_perturb", None) is not None
+                and getattr(self.hparams, "speed_perturb_per", None) == "batch"):
+            wavs = self.hparams.speed_perturb(wavs)  # draws from the checkpointed global RNG
         feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
         feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
         if self._augmenting(stage):

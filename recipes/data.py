@@ -8,13 +8,16 @@ skipped with a log line when ``bad_data: skip``.
 
 import logging
 import os
+import time
 
 import torch
 
 import speechbrain as sb
 from speechbrain.dataio.dataset import DynamicItemDataset
 
+from recipes import RecipeError
 from recipes.audio import AudioError, load_audio  # noqa: F401 (AudioError: re-exported)
+from recipes.audio_cache import AudioCache, check_fits
 from recipes.manifest import REQUIRED_COLUMNS, ManifestError, read_rows
 from recipes.resume import keyed_random
 from recipes.robust import collate_skipping, skip_unreadable
@@ -126,22 +129,31 @@ def dataio_prepare(hparams, tokenizer, with_bos_eos):
         load = skip_unreadable(load_audio, AudioError)
         for opts in ("train_dataloader_opts", "valid_dataloader_opts", "test_dataloader_opts"):
             hparams[opts]["collate_fn"] = collate_skipping
+    test_load = load  # test sets are read once: not cached
+    if hparams.get("cache_audio"):
+        load = cached_audio(load, [train, valid], sample_rate, min_duration)
 
-    @sb.utils.data_pipeline.takes("id", "wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(utt_id, wav):
-        return load(wav, sample_rate, utt_id, min_duration)
+    def audio_item(loader):
+        @sb.utils.data_pipeline.takes("id", "wav")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(utt_id, wav):
+            return loader(wav, sample_rate, utt_id, min_duration)
+        return audio_pipeline
+
+    per_utterance = (hparams.get("speed_perturb") is not None
+                     and speed_perturb_per(hparams) == "utterance")
 
     @sb.utils.data_pipeline.takes("id", "wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline_train(utt_id, wav):
         sig = load(wav, sample_rate, utt_id, min_duration)
-        if hparams.get("speed_perturb") is not None and sig is not None:  # in the workers
+        if per_utterance and sig is not None:  # in loader workers
             with keyed_random(hparams["seed"], hparams["epoch_counter"].current, utt_id):
                 sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
         return sig
 
-    sb.dataio.dataset.add_dynamic_item([valid, *tests.values()], audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item([valid], audio_item(load))
+    sb.dataio.dataset.add_dynamic_item(list(tests.values()), audio_item(test_load))
     sb.dataio.dataset.add_dynamic_item([train], audio_pipeline_train)
 
     bos, eos = hparams.get("bos_index"), hparams.get("eos_index")
@@ -173,6 +185,28 @@ def dataio_prepare(hparams, tokenizer, with_bos_eos):
     return train, valid, tests, train_sampler, valid_sampler
 
 
+def speed_perturb_per(hparams):
+    """'utterance' (the data pipeline perturbs) or 'batch' (RecipeBrain.front_end does)."""
+    per = hparams.get("speed_perturb_per", "utterance")
+    if per not in ("utterance", "batch"):
+        raise RecipeError(f"speed_perturb_per must be 'utterance' or 'batch', got {per!r}")
+    return per
+
+
+def cached_audio(load, datasets, sample_rate, min_duration):
+    """An AudioCache of ``load`` holding the decoded audio of ``datasets`` (train, valid);
+    RecipeError when it would not fit in memory."""
+    rows = [(i, ds.data[i]["wav"]) for ds in datasets for i in ds.data_ids]
+    seconds = sum(ds.data[i]["duration"] for ds in datasets for i in ds.data_ids)
+    check_fits(seconds, sample_rate)
+    cache = AudioCache(load)
+    start = time.perf_counter()
+    cache.preload(rows, sample_rate, min_duration)
+    logger.info("cache_audio: decoded %d files (%.1f h) into %.0f MB in %.1f s", len(rows),
+                seconds / 3600, cache.nbytes() / 2**20, time.perf_counter() - start)
+    return cache
+
+
 def loader_kwargs(hparams, train_sampler, valid_sampler):
     """Dataloader options for fit(): batch samplers replace batch_size/shuffle when given."""
     train_opts = dict(hparams["train_dataloader_opts"])
@@ -182,6 +216,8 @@ def loader_kwargs(hparams, train_sampler, valid_sampler):
                       **_collate(train_opts)}
     if valid_sampler is not None:
         valid_opts = {"batch_sampler": valid_sampler, **_collate(valid_opts)}
+    if hparams.get("cache_audio"):  # nothing left to decode: no worker processes (no copies)
+        train_opts["num_workers"] = 0
     return train_opts, valid_opts
 
 

@@ -70,11 +70,21 @@ def test_presets_apply_when_unset(repo_root, tmp_path, device):
 
 def test_expected_preset_values():
     assert PRESETS["cuda"] == dict(precision="bf16", batch_size=32, grad_accumulation_factor=4,
-                                   num_workers=16, dynamic_batching=True)
+                                   num_workers=16, dynamic_batching=True, fused_optimizer=True)
     assert PRESETS["mps"] == dict(precision="fp32", batch_size=8, grad_accumulation_factor=8,
-                                  num_workers=4, dynamic_batching=False)
+                                  num_workers=4, dynamic_batching=False, fused_optimizer=False)
     assert PRESETS["cpu"]["precision"] == "fp32" and PRESETS["cpu"]["batch_size"] == 4
     assert PRESETS["cpu"]["num_workers"] == 2 and PRESETS["cpu"]["dynamic_batching"] is False
+    assert PRESETS["cpu"]["fused_optimizer"] is True
+
+
+@pytest.mark.parametrize("recipe", [TINY_CTC, "hparams/S2S/tiny.yaml"])
+def test_optimizer_is_fused_by_the_preset_unless_set(repo_root, tmp_path, recipe):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for overrides, fused in (({}, True), ({"fused_optimizer": False}, False)):
+        hp, _, _ = load_recipe(str(repo_root / recipe),
+                               {"output_folder": str(tmp_path), **overrides}, device="cpu")
+        assert hp["opt_class"](params).defaults["fused"] is fused
 
 
 def test_command_line_and_yaml_win_over_presets(repo_root, tmp_path):
