@@ -16,6 +16,8 @@ All implementations compute out = (scan + D u) * silu(z), delta = softplus(delta
 - fast: ``selective_scan_torch`` (blocked time-major scan with a hand-written backward).
 - fast-mamba_layout: the same on the same values stored as (B, L, d) and passed as transposed
   views, which is how the project's Mamba blocks call it (no transposes inside the scan).
+- compiled-mamba_layout: fast-mamba_layout on the compiled CPU kernels (numba, scan_cpu.py), what
+  the project's CPU training and long inputs run; "fast" rows force the pure-PyTorch scan.
 - mambapy: mambapy's parallel scan (pscan) with the same math around it, when mambapy is installed
   (pip install -r requirements-bench.txt); skipped where its (B, L, D, N) tensors would not fit.
 Note: the issue's fwd+bwd figure (~100-200x) was measured against the slicing loop (ref-mamba_ssm);
@@ -29,6 +31,7 @@ gradients, allocator slack), not bytes requested from the allocator.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -114,11 +117,32 @@ def sliced_ref_estimate_s(batch, d_inner, d_state, length, mode):
     return 12.0 * batch * d_inner * d_state * length ** 2 / (8 * 288 * 16 * 250 ** 2)
 
 
+def kernels(flag, scan):
+    """scan run with MAMBA_SCAN_NUMBA=flag: '0' the pure-PyTorch scan, '1' the compiled CPU
+    kernels (modules/mamba/scan_cpu.py; read at each call, and the forward's choice fixes the
+    backward's)."""
+    def run(t):
+        old = os.environ.get("MAMBA_SCAN_NUMBA")
+        os.environ["MAMBA_SCAN_NUMBA"] = flag
+        try:
+            return scan(t)
+        finally:
+            if old is None:
+                del os.environ["MAMBA_SCAN_NUMBA"]
+            else:
+                os.environ["MAMBA_SCAN_NUMBA"] = old
+    return run
+
+
 IMPLS = {
     "ref-unbind": lambda t: selective_scan_ref(*(t[k] for k in ARGS), delta_softplus=True),
     "ref-mamba_ssm": lambda t: sliced_ref_scan(*(t[k] for k in ARGS)),
-    "fast": lambda t: selective_scan_torch(*(t[k] for k in ARGS), delta_softplus=True),
-    "fast-mamba_layout": lambda t: selective_scan_torch(*mamba_layout(t), delta_softplus=True),
+    "fast": kernels("0", lambda t: selective_scan_torch(*(t[k] for k in ARGS),
+                                                          delta_softplus=True)),
+    "fast-mamba_layout": kernels("0", lambda t: selective_scan_torch(*mamba_layout(t),
+                                                                       delta_softplus=True)),
+    "compiled-mamba_layout": kernels("1", lambda t: selective_scan_torch(*mamba_layout(t),
+                                                                           delta_softplus=True)),
     "mambapy": lambda t: mambapy_scan(*(t[k] for k in ARGS)),
 }
 
@@ -245,6 +269,9 @@ def main():
     impls = [i for i in args.impls if i != "mambapy" or pscan is not None]
     if "mambapy" in args.impls and pscan is None:
         print("mambapy not installed (pip install -r requirements-bench.txt): its rows are skipped")
+    if importlib.util.find_spec("numba") is None:
+        impls = [i for i in impls if not i.startswith("compiled")]
+        print("numba not installed (requirements.txt): the compiled rows are skipped")
     if args.quick:
         cases = TARGET_ROWS
     else:
@@ -253,7 +280,7 @@ def main():
     print(environment(args.threads))
     print(TARGETS)
     print("x unbind / x mssm: reference time / this time, for ref-unbind / ref-mamba_ssm")
-    print(f"{'d_inner':>7} {'d_state':>7} {'L':>5} {'batch':>5} {'mode':>8} {'impl':>17} "
+    print(f"{'d_inner':>7} {'d_state':>7} {'L':>5} {'batch':>5} {'mode':>8} {'impl':>21} "
           f"{'time ms':>10} {'runs':>4} {'x unbind':>8} {'x mssm':>7} {'peak MB':>8}")
     results = {}
     for d_inner, d_state, length in cases:
@@ -270,7 +297,7 @@ def main():
             timing = bench_case(batch, d_inner, d_state, length, mode, case_impls, args.repeats,
                                 args.slow_budget)
             for impl in impls:
-                head = f"{d_inner:>7} {d_state:>7} {length:>5} {batch:>5} {mode:>8} {impl:>17}"
+                head = f"{d_inner:>7} {d_state:>7} {length:>5} {batch:>5} {mode:>8} {impl:>21}"
                 if impl not in timing:
                     print(f"{head}   skipped: {skip[impl]}")
                     continue
