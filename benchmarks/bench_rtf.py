@@ -44,8 +44,10 @@ from recipes.untrained import SAMPLE_RATE, export_untrained, speech_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def measure(folder, wav_path, options, threads):
-    """One row, in this process: {'rtf', 'seconds', 'chunks', 'loaded_mb', 'peak_mb', ...}."""
+def measure(folder, wav_path, options, threads, files=1):
+    """One row, in this process: {'rtf', 'seconds', 'chunks', 'loaded_mb', 'peak_mb', ...};
+    files > 1: one transcribe_files call on that many copies of the file, timed once (what a
+    process transcribing a list of files takes, the compiled scan's loading included)."""
     import soundfile
     import torch
 
@@ -58,12 +60,13 @@ def measure(folder, wav_path, options, threads):
     duration = len(audio) / sr
     asr.transcribe_waveform(audio[: 2 * sr], sr)  # warm-up
     runs = []
-    while len(runs) < (3 if duration <= 10 and sum(r[0] for r in runs) < 10 else 1):
+    while len(runs) < (3 if files == 1 and duration <= 10 and sum(r[0] for r in runs) < 10
+                       else 1):
         start, cpu = time.perf_counter(), time.process_time()
-        text = asr.transcribe_files([wav_path])[0]
+        text = asr.transcribe_files([wav_path] * files)[0]
         runs.append((time.perf_counter() - start, time.process_time() - cpu))
     seconds, cpu = sorted(runs)[len(runs) // 2]
-    return {"seconds": seconds, "rtf": seconds / duration, "cpu": cpu,
+    return {"seconds": seconds, "rtf": seconds / (duration * files), "cpu": cpu,
             "chunks": len(asr.last_chunks[0]),
             "words": len(text.split()), "loaded_mb": loaded, "peak_mb": _rss_mb("VmHWM")}
 
@@ -113,6 +116,9 @@ def main():
                              "inference.transcriber.default_chunk_seconds)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--files", type=int, default=1,
+                        help="transcribe this many copies of each audio in one call, timed once "
+                             "(default 1: one file, median of 3 runs up to 10 s)")
     parser.add_argument("--s2s-max-decode-ratio", type=float, default=0.2)
     parser.add_argument("--s2s-durations", type=float, nargs="+", default=None,
                         help="audio lengths for the S2S rows (default: those of --durations up "
@@ -125,7 +131,8 @@ def main():
     args = parser.parse_args()
     if args.row:
         row = json.loads(args.row)
-        print(json.dumps(measure(row["folder"], row["wav"], row["options"], args.threads)))
+        print(json.dumps(measure(row["folder"], row["wav"], row["options"], args.threads,
+                                 row["files"])))
         return
     durations = args.durations or ([10, 60] if args.quick else [10, 60, 600])
     s2s_durations = args.s2s_durations or [d for d in durations if d <= 60]
@@ -148,7 +155,8 @@ def run_rows(args, durations, s2s_durations, work):
         if not os.path.isfile(wavs[seconds]):
             soundfile.write(wavs[seconds], speech_like(seconds), SAMPLE_RATE)
     chunks = "model default" if args.chunk_seconds is None else f"{args.chunk_seconds:g} s"
-    print(f"bench_rtf: CPU, {args.threads} torch threads, chunks {chunks} "
+    files = f"{args.files} files per call, " if args.files > 1 else ""
+    print(f"bench_rtf: CPU, {files}{args.threads} torch threads, chunks {chunks} "
           f"overlapping {args.overlap_seconds:g} s, batch {args.batch_size}, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at "
           f"start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores",
@@ -168,7 +176,8 @@ def run_rows(args, durations, s2s_durations, work):
                 export_untrained(os.path.join(REPO, recipe), kind, os.path.dirname(folder),
                                  overrides)
         for seconds in (durations if kind == "CTC" else s2s_durations):
-            row = json.dumps({"folder": folder, "wav": wavs[seconds], "options": options})
+            row = json.dumps({"folder": folder, "wav": wavs[seconds], "options": options,
+                              "files": args.files})
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_rtf", "--row", row,
                                    "--threads", str(args.threads)],
                                   capture_output=True, text=True, cwd=REPO)

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from modules.mamba.scan import anticipate_cpu_scans
 from recipes import RecipeError
 from recipes.audio import AudioError, check_audio, load_audio, to_mono
 from recipes.export import exported_kind
@@ -33,6 +34,7 @@ from recipes.export import exported_kind
 ATTENTION_CHUNK_SECONDS = 30.0
 MAMBA_CHUNK_SECONDS = 300.0
 MAMBA_ENCODERS = ("conmamba", "mamba")
+ENCODER_FRAMES_PER_SECOND = 25  # 10 ms feature hop, then the CNN front end's 4x subsampling
 
 
 class TranscriberError(RecipeError):
@@ -216,6 +218,7 @@ class Transcriber:
                 if on_error is None:
                     raise
                 on_error(path, e)
+        self._anticipate_scans(sum(durations.values()))
         group, total = {}, 0.0
         for n, k in enumerate(durations):
             try:
@@ -232,6 +235,16 @@ class Transcriber:
                 group, total = {}, 0.0
         self.last_chunks = chunks
         return texts
+
+    def _anticipate_scans(self, seconds):
+        """Before transcribing ``seconds`` of audio: when the Mamba encoder's scans over all of
+        it are worth the compiled CPU kernels, they load now rather than after enough slower
+        pure-PyTorch scans (modules.mamba.scan.anticipate_cpu_scans; no-op off CPU)."""
+        for module in self.asr.mods.modules():
+            per_frame = getattr(module, "scan_work_per_frame", 0)
+            if per_frame:
+                anticipate_cpu_scans(next(module.parameters()),
+                                     int(seconds * ENCODER_FRAMES_PER_SECOND * per_frame))
 
     def transcribe_waveform(self, wav, sample_rate):
         """Transcript of one waveform: (samples,), or 2-D (channels = the smaller dimension)."""

@@ -479,25 +479,6 @@ def test_grouped_b_must_divide_channels():
         selective_scan_torch(**inputs)
 
 
-def unloaded_kernels_counting_runs(monkeypatch, load_after):
-    """The kernels' loading policy from scratch (MAMBA_SCAN_NUMBA unset, nothing loaded, no
-    pure-PyTorch work counted, LOAD_AFTER = load_after); returns a list that gets one item per
-    forward-kernel run. Skips without numba."""
-    from modules.mamba import scan_cpu
-
-    monkeypatch.delenv("MAMBA_SCAN_NUMBA", raising=False)
-    if not scan_cpu.available():
-        pytest.skip("numba is not installed: no compiled CPU kernel")
-    monkeypatch.setattr(scan_cpu, "LOAD_AFTER", load_after)
-    monkeypatch.setattr(scan_cpu, "_torch_work", 0)
-    monkeypatch.setattr(scan_cpu, "_KERNELS", {})
-    runs = []
-    kernel = scan_cpu.fused_forward
-    monkeypatch.setattr(scan_cpu, "fused_forward",
-                        lambda *a, **k: runs.append(1) or kernel(*a, **k))
-    return runs
-
-
 def test_compiled_kernels_are_used_when_available(scan_path, monkeypatch):
     """With numba a scan runs the compiled forward kernel once, and its backward the backward
     kernel once; without, neither. The forward gives the same values with and without
@@ -561,10 +542,10 @@ def test_compiled_float32_softplus_and_sigmoid_match_torch():
     assert abs(scan_cpu._softplus(-3.3, True) / np.log1p(np.exp(-3.3)) - 1) < 1e-15
 
 
-def test_a_scan_with_gradients_loads_the_compiled_kernels(monkeypatch):
+def test_a_scan_with_gradients_loads_the_compiled_kernels(unloaded_kernels):
     """MAMBA_SCAN_NUMBA unset, kernels not loaded, a short scan: without gradients it runs the
     pure-PyTorch scan; with gradients (training) the compiled kernels."""
-    calls = unloaded_kernels_counting_runs(monkeypatch, load_after=10 ** 9)
+    calls = unloaded_kernels(load_after=10 ** 9)
     inputs = make_inputs(2, 8, 4, 37, torch.float32)
     selective_scan_torch(**inputs, delta_softplus=True)
     assert calls == []
@@ -675,7 +656,8 @@ def test_kernels_prefer_512_bit_vectors_only_where_asked_for():
     assert features(NUMBA_CPU_FEATURES="+avx2") == repr("+avx2")
 
 
-def test_an_encoder_on_a_long_input_loads_the_kernels_before_its_first_scan(monkeypatch):
+def test_an_encoder_on_a_long_input_loads_the_kernels_before_its_first_scan(monkeypatch,
+                                                                              unloaded_kernels):
     """A Mamba encoder stack whose scans on one input add up to LOAD_AFTER state updates loads
     the compiled kernels before its first layer (every scan of that input runs compiled), not
     after LOAD_AFTER updates of pure-PyTorch scans; a shorter input, or a forced reference
@@ -686,7 +668,7 @@ def test_an_encoder_on_a_long_input_loads_the_kernels_before_its_first_scan(monk
     encoder = ConmambaEncoder(num_layers=2, d_model=16, d_ffn=32, kernel_size=3).eval()
     per_frame = encoder.scan_work_per_frame
     assert per_frame == 2 * 2 * 32 * 16  # 2 layers x 2 directions x d_inner 32 x d_state 16
-    kernel_runs = unloaded_kernels_counting_runs(monkeypatch, load_after=40 * per_frame)
+    kernel_runs = unloaded_kernels(load_after=40 * per_frame)
     with torch.no_grad():
         encoder(torch.randn(1, 39, 16))
         assert not scan_cpu.loaded() and scan_cpu._torch_work == 39 * per_frame

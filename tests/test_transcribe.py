@@ -184,6 +184,26 @@ def test_chunk_length_by_encoder_type(ctc, ctc_dir, s2s_dir):
     assert "--chunk-seconds" in proc.stdout and proc.returncode == 0
 
 
+def test_files_worth_the_compiled_scan_load_it_before_the_first(ctc, audio_files,
+                                                               unloaded_kernels, monkeypatch):
+    """Files whose Mamba scans add up to LOAD_AFTER load the compiled kernels before the first
+    file, so that no scan runs the pure-PyTorch path (each file in its own batch here, none
+    worth it alone); one file alone leaves them unloaded."""
+    from modules.mamba import scan_cpu
+    from recipes.audio import check_audio
+
+    monkeypatch.setattr(ctc, "batch_size", 1)
+    encoder = next(m for m in ctc.asr.mods.modules() if getattr(m, "scan_work_per_frame", 0))
+    seconds = sum(check_audio(f) for f in audio_files)
+    runs = unloaded_kernels(load_after=int(0.9 * seconds * 25 * encoder.scan_work_per_frame))
+    ctc.transcribe_files(audio_files[:1])
+    assert not scan_cpu.loaded() and not runs and scan_cpu._torch_work > 0
+    scan_cpu._torch_work = 0
+    ctc.transcribe_files(audio_files)
+    assert scan_cpu.loaded() and len(runs) == 2 * len(audio_files)  # 2 layers per file
+    assert scan_cpu._torch_work == 0  # no scan ran before the kernels loaded
+
+
 def test_batches_stop_at_batch_seconds(ctc):
     """Long chunks are not batched into one huge input: a batch holds at most batch_size
     segments and BATCH_SECONDS of audio (but always one segment)."""
