@@ -126,6 +126,18 @@ def test_workers_resume_bit_exactly_and_match_the_main_process(uninterrupted, ma
     assert (out / "train_log.txt").read_text() == (uninterrupted / "train_log.txt").read_text()
 
 
+def test_batch_speed_perturbation_resumes_bit_exactly(manifests, tmp_path):
+    """speed_perturb_per: batch draws each batch's speed from the main process's generator,
+    which checkpoints hold: a run killed mid-epoch and resumed ends as the uninterrupted one."""
+    batch = ("--speed_perturb_per", "batch")
+    full, out = tmp_path / "full", tmp_path / "out"
+    _ok(train(full, manifests, *batch))
+    assert train(out, manifests, *batch, fault="train_batch:5").returncode == -9
+    _ok(train(out, manifests, *batch))
+    assert max_diff(last_weights(full), last_weights(out)) == 0
+    assert (out / "train_log.txt").read_text() == (full / "train_log.txt").read_text()
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(manifests, tmp_path):
     one = _ok(train(tmp_path / "one", manifests, epochs=1, fault="nan_loss:2"))
     warning = [line for line in (one.stdout + one.stderr).splitlines()
