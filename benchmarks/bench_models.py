@@ -48,9 +48,9 @@ import torch
 
 from speechbrain.nnet.linear import Linear
 
+from inference.transcriber import ENCODER_FRAMES_PER_SECOND
 from modules.TransformerASR import TransformerASR, count_parameters
 
-FRAMES_PER_SECOND = 25  # 100 feature frames/s, /4 after the CNN front end
 SMALL = dict(d_model=144, nhead=4, num_encoder_layers=12, d_ffn=1024)
 LARGE = dict(d_model=512, nhead=8, num_encoder_layers=12, d_ffn=2048)
 MAMBA_CONFIG = {"d_state": 16, "expand": 2, "d_conv": 4, "bidirectional": True}
@@ -172,7 +172,7 @@ def bench_encoders(args):
             for model in models.values():
                 encoder_run(model, 1, 50, backward)  # warm-up
             for batch, sec in cases:
-                frames = sec * FRAMES_PER_SECOND
+                frames = sec * ENCODER_FRAMES_PER_SECOND
                 run = {}
                 for module, model in models.items():
                     row = dict(
@@ -229,8 +229,9 @@ def bench_checkpointing(args):
                 models[flag].enable_encoder_gradient_checkpointing()
             encoder_run(models[flag], 1, 50, True)
         for flag, model in models.items():
-            peak = peak_memory_mb(lambda: encoder_run(model, 1, sec * FRAMES_PER_SECOND, True))[1]
-            t = timed(lambda: encoder_run(model, 1, sec * FRAMES_PER_SECOND, True))
+            frames = sec * ENCODER_FRAMES_PER_SECOND
+            peak = peak_memory_mb(lambda: encoder_run(model, 1, frames, True))[1]
+            t = timed(lambda: encoder_run(model, 1, frames, True))
             rows.append(
                 dict(
                     model=f"conmamba-{size}",
@@ -320,7 +321,7 @@ def bench_decoder(args):
         mamba_config=MAMBA_CONFIG,
     ).eval()
     seq_lin = Linear(input_size=144, n_neurons=5000)
-    hyps, frames = 10, 10 * FRAMES_PER_SECOND
+    hyps, frames = 10, 10 * ENCODER_FRAMES_PER_SECOND
     memory = torch.randn(hyps, frames, 144)
     enc_len = torch.full((hyps,), frames)
     prefixes = [5, 20, 50, 200] if args.quick else [5, 10, 20, 50, 100, 200]

@@ -140,8 +140,8 @@ def dataio_prepare(hparams, tokenizer, with_bos_eos):
             return loader(wav, sample_rate, utt_id, min_duration)
         return audio_pipeline
 
-    per_utterance = (hparams.get("speed_perturb") is not None
-                     and speed_perturb_per(hparams) == "utterance")
+    per_utterance = (speed_perturb_per(hparams) == "utterance"
+                     and hparams.get("speed_perturb") is not None)
 
     @sb.utils.data_pipeline.takes("id", "wav")
     @sb.utils.data_pipeline.provides("sig")

@@ -135,6 +135,10 @@ def test_per_utterance_perturbs_in_the_pipeline_and_per_batch_does_not(tmp_path)
         assert abs(len(slowed) - len(sig) / 0.9) < 2
     with pytest.raises(RecipeError, match="speed_perturb_per"):
         _train_signals(tmp_path, "epoch")
+    unperturbed = _hparams(tmp_path, cache=False)
+    unperturbed.update(speed_perturb=None, speed_perturb_per="epoch")
+    with pytest.raises(RecipeError, match="speed_perturb_per"):  # checked with or without it
+        dataio_prepare(unperturbed, Tokenizer(), with_bos_eos=False)
 
 
 def _front_end_input(per, stage):
