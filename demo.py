@@ -40,7 +40,7 @@ TEST_SETS = ("test", "real")  # test_csv of demo.yaml, in this order
 LM_WEIGHTS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)
 WORD_SCORES = (-1.0, 0.0, 1.0)
 # --quick: a model that trains in seconds, and utterances per split
-QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "d_ffn": 64, "d_state": 4,
+QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 2, "d_ffn": 64, "d_state": 4,
                "beam_size": 2}
 QUICK_UTTERANCES = {"train": 24, "valid": 4, "test": 4, "real": 2}
 RATE_LINE = re.compile(r"^%WER ([0-9.]+) \[ (\d+) / (\d+)")

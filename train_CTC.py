@@ -27,6 +27,7 @@ import speechbrain as sb  # noqa: E402
 from speechbrain.decoders.ctc import CTCBeamSearcher, ctc_greedy_decode  # noqa: E402
 
 from recipes.brain import RecipeBrain  # noqa: E402
+from recipes.inter_ctc import inter_ctc_layer, layer_output  # noqa: E402
 from recipes.run import train_test_export  # noqa: E402
 from recipes.tokenizer import decode_words  # noqa: E402
 
@@ -34,13 +35,24 @@ from recipes.tokenizer import decode_words  # noqa: E402
 class ASR(RecipeBrain):
     kind, ckpt_key, ckpt_max = "CTC", "WER", False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inter_ctc_weight, self.inter_ctc_layer = inter_ctc_layer(vars(self.hparams))
+
     def compute_forward(self, batch, stage):
-        """Waveforms (B, samples) -> CTC log-probabilities (B, T', vocab)."""
+        """Waveforms (B, samples) -> CTC log-probabilities (B, T', vocab), those of the
+        intermediate layer (training with inter_ctc_weight > 0, else None), lengths, hypotheses."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         src = self.front_end(wavs, wav_lens, stage)  # (B, T/4, 32 * n_mels / 4)
-        enc_out, _ = self.modules.Transformer(src, tgt=None, wav_len=wav_lens)
+        encoder = self.modules.Transformer.encoder
+        inter = self.inter_ctc_layer if stage == sb.Stage.TRAIN else None
+        with layer_output(encoder, inter) as kept:
+            enc_out, _ = self.modules.Transformer(src, tgt=None, wav_len=wav_lens)
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(enc_out))
+        p_inter = None
+        if "out" in kept:  # through the encoder's final LayerNorm and the same output layer
+            p_inter = self.hparams.log_softmax(self.modules.ctc_lin(encoder.norm(kept["out"])))
         hyps = None
         if stage != sb.Stage.TRAIN:
             # Outputs beyond the tokenizer's vocabulary are never targets: decode without them.
@@ -49,13 +61,17 @@ class ASR(RecipeBrain):
                 hyps = ctc_greedy_decode(p_dec, wav_lens, blank_id=self.hparams.blank_index)
             else:
                 hyps = self.test_searcher(p_dec, wav_lens)
-        return p_ctc, wav_lens, hyps
+        return p_ctc, p_inter, wav_lens, hyps
 
     def compute_objectives(self, predictions, batch, stage):
-        """CTC loss; WER/CER statistics outside training."""
-        p_ctc, wav_lens, hyps = predictions
+        """CTC loss (mixed with the intermediate layer's, see recipes.inter_ctc); WER/CER
+        statistics outside training."""
+        p_ctc, p_inter, wav_lens, hyps = predictions
         tokens, tokens_lens = self.replicate_labels(stage, *batch.tokens)
         loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens).sum()
+        if p_inter is not None:
+            inter = self.hparams.ctc_cost(p_inter, tokens, wav_lens, tokens_lens).sum()
+            loss = (1 - self.inter_ctc_weight) * loss + self.inter_ctc_weight * inter
         if stage == sb.Stage.VALID:
             self.append_error_rates(batch, [decode_words(self.tokenizer, h) for h in hyps])
         elif stage == sb.Stage.TEST:

@@ -14,6 +14,7 @@ Shapes: B batch, L frames, D d_model. Padding masks are (B, L) bool, True at pad
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
@@ -52,16 +53,20 @@ class MaskedConvolutionModule(ConvolutionModule):
         zero left padding and is updated in place.
         """
         no_chunking(dynchunktrain_config)
-        out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, L)
+        # the pointwise conv + GLU as a linear layer on (B, L, D): one matmul instead of a
+        # 1x1 convolution on the transposed activations (same parameters and output)
+        pointwise = self.bottleneck[0]
+        out = F.glu(F.linear(self.layer_norm(x), pointwise.weight[..., 0], pointwise.bias))
         if pad_mask is not None:
-            out = out.masked_fill(pad_mask.unsqueeze(1), 0.0)
+            out = out.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        out = out.transpose(1, 2)  # (B, D, L)
         if cache is not None:
             if not self.causal:
                 raise ValueError("Only a causal convolution module can carry a streaming cache")
             full = torch.cat([cache.conv.to(out.dtype), out], dim=-1)
             cache.conv.copy_(full[..., full.shape[-1] - self.padding:].detach())
-            out = nn.functional.conv1d(full, self.conv.weight, self.conv.bias,
-                                       dilation=self.conv.dilation, groups=self.conv.groups)
+            out = F.conv1d(full, self.conv.weight, self.conv.bias,
+                           dilation=self.conv.dilation, groups=self.conv.groups)
         else:
             out = self.conv(out)
             if self.causal:

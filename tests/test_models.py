@@ -96,6 +96,25 @@ def test_conv_module_ignores_padded_frames():
     torch.testing.assert_close(layer(x[:, :9])[0], y1[0, :9], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_conv_module_equals_speechbrains_without_padding(causal):
+    """The pointwise conv computed as a linear layer: SpeechBrain's module's output and
+    gradients, from the same parameters."""
+    from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
+
+    ours = tiny("conmamba", layers=0, causal=causal).encoder.layers[0].convolution_module
+    theirs = ConvolutionModule(32, 31, True, torch.nn.GELU, 0.1, causal=causal)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    y_ours, y_theirs = ours.eval()(x), theirs.eval()(x)
+    torch.testing.assert_close(y_ours, y_theirs, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(y_ours)
+    grads = [torch.autograd.grad(y, [x, *m.parameters()], g)
+             for y, m in ((y_ours, ours), (y_theirs, theirs))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("normalize_before", [True, False])
 def test_decoder_padding_invariance(normalize_before):
     net = tiny("conmamba", "mamba", normalize_before=True).eval()
