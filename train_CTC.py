@@ -45,14 +45,13 @@ class ASR(RecipeBrain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         src = self.front_end(wavs, wav_lens, stage)  # (B, T/4, 32 * n_mels / 4)
-        encoder = self.modules.Transformer.encoder
         inter = self.inter_ctc_layer if stage == sb.Stage.TRAIN else None
-        with layer_output(encoder, inter) as kept:
+        with layer_output(self.modules.Transformer, inter) as kept:
             enc_out, _ = self.modules.Transformer(src, tgt=None, wav_len=wav_lens)
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(enc_out))
         p_inter = None
-        if "out" in kept:  # through the encoder's final LayerNorm and the same output layer
-            p_inter = self.hparams.log_softmax(self.modules.ctc_lin(encoder.norm(kept["out"])))
+        if "out" in kept:  # the same output layer
+            p_inter = self.hparams.log_softmax(self.modules.ctc_lin(kept["out"]))
         hyps = None
         if stage != sb.Stage.TRAIN:
             # Outputs beyond the tokenizer's vocabulary are never targets: decode without them.

@@ -33,18 +33,21 @@ def inter_ctc_layer(hparams):
 
 
 @contextlib.contextmanager
-def layer_output(encoder, layer):
-    """While active, the output (B, L, D) of encoder.layers[layer - 1] in the encoder's forward
-    is kept in the yielded dict under "out" (the first call's only: a checkpointed layer runs
-    again in the backward). Nothing is kept when layer is None or the layer was dropped
-    (layerdrop)."""
+def layer_output(model, layer):
+    """While active, the output (B, L, D) of layer ``layer`` (1-based) of model's encoder in a
+    forward pass, through the encoder's final LayerNorm, is kept in the yielded dict under "out"
+    (the first call's only: a checkpointed layer runs again in the backward). model: the
+    TransformerASR, or its DistributedDataParallel wrapper. Nothing is kept when layer is None or
+    the layer was dropped (layerdrop)."""
     kept = {}
     if layer is None:
         yield kept
         return
+    encoder = getattr(model, "module", model).encoder
 
     def keep(module, args, output):
-        kept.setdefault("out", output[0] if isinstance(output, tuple) else output)
+        if "out" not in kept:
+            kept["out"] = encoder.norm(output[0] if isinstance(output, tuple) else output)
 
     handle = encoder.layers[layer - 1].register_forward_hook(keep)
     try:

@@ -51,13 +51,18 @@ def test_layer_output_is_that_layers_hidden_state(encoder, repo_root, tmp_path):
     brain, hp = _brain(repo_root, tmp_path, encoder)
     transformer = hp["Transformer"].eval()
     src = brain.front_end(*_batch().sig, sb.Stage.TRAIN)  # (fits the normalizer)
-    with layer_output(transformer.encoder, 2) as kept:
+    with layer_output(transformer, 2) as kept:
         out, _ = transformer(src, tgt=None, wav_len=torch.tensor([1.0, 0.6]))
     transformer.encoder.output_hidden_states = True
     _, _, hidden = transformer(src, tgt=None, wav_len=torch.tensor([1.0, 0.6]))
-    assert torch.equal(kept["out"], hidden[2])  # hidden[0] is the encoder's input
+    # hidden[0] is the encoder's input
+    assert torch.equal(kept["out"], transformer.encoder.norm(hidden[2]))
     assert not transformer.encoder.layers[1]._forward_hooks  # removed afterwards
-    with layer_output(transformer.encoder, None) as kept:
+    wrapped = types.SimpleNamespace(module=transformer)  # as DistributedDataParallel holds it
+    with layer_output(wrapped, 2) as kept_wrapped:
+        transformer(src, tgt=None, wav_len=torch.tensor([1.0, 0.6]))
+    assert torch.equal(kept_wrapped["out"], kept["out"])
+    with layer_output(transformer, None) as kept:
         transformer(src, tgt=None, wav_len=torch.tensor([1.0, 0.6]))
     assert kept == {}
 
@@ -82,10 +87,11 @@ def test_loss_mixes_the_intermediate_layer_in_training_only(repo_root, tmp_path)
     assert torch.allclose(loss, expected.sum())
     # the intermediate output is the first layer's, through the final norm and ctc_lin
     encoder = brain.modules.Transformer.encoder
-    with layer_output(encoder, 1) as kept:
-        brain.modules.Transformer(brain.front_end(*batch.sig, sb.Stage.TRAIN), tgt=None,
-                                  wav_len=batch.sig[1])
-    manual = hp["log_softmax"](brain.modules.ctc_lin(encoder.norm(kept["out"])))
+    encoder.output_hidden_states = True
+    _, _, hidden = brain.modules.Transformer(brain.front_end(*batch.sig, sb.Stage.TRAIN),
+                                             tgt=None, wav_len=batch.sig[1])
+    encoder.output_hidden_states = False
+    manual = hp["log_softmax"](brain.modules.ctc_lin(encoder.norm(hidden[1])))
     assert torch.allclose(manual, p_inter, atol=1e-6)
     # without the option: the plain CTC loss of the same weights
     p_plain, none, _, _ = plain.compute_forward(batch, sb.Stage.TRAIN)

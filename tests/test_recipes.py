@@ -172,6 +172,7 @@ def test_ddp_two_cpu_processes(csvs, tmp_path):
     out = tmp_path / "out"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     run("train_CTC.py", "hparams/CTC/tiny.yaml", out, csvs, "--batch_size", "4",
+        "--inter_ctc_weight", "0.3",  # its layer hook reaches through the DDP wrapper
         launcher=[torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())])
     epoch1 = (out / "train_log.txt").read_text().splitlines()[0]
     assert "steps: 1" in epoch1  # 8 utterances / 2 processes / batch 4 (one process: 2 steps)
