@@ -5,7 +5,6 @@ Data: a few rows of the bundled corpus (data/mini_corpus), else of ../shared/dat
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -162,18 +161,13 @@ def test_s2s_trains_tests_and_exports(s2s_run, csvs, tmp_path):
     assert type(asr.mods.decoder).__name__ == "S2SMambaBeamSearcher"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(csvs, tmp_path):
     out = tmp_path / "out"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     run("train_CTC.py", "hparams/CTC/tiny.yaml", out, csvs, "--batch_size", "4",
         "--inter_ctc_weight", "0.3",  # its layer hook reaches through the DDP wrapper
-        launcher=[torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())])
+        # --standalone: torchrun's rendezvous takes a port of its own (no race with other runs)
+        launcher=[torchrun, "--standalone", "--nproc-per-node", "2"])
     epoch1 = (out / "train_log.txt").read_text().splitlines()[0]
     assert "steps: 1" in epoch1  # 8 utterances / 2 processes / batch 4 (one process: 2 steps)
     assert (out / "wer_test.txt").is_file() and (out / "inference" / "model.ckpt").is_file()
