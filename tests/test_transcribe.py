@@ -21,9 +21,9 @@ import torchaudio
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
 import transcribe
-from inference.transcriber import (ATTENTION_CHUNK_SECONDS, MAMBA_CHUNK_SECONDS, Transcriber,
-                                   TranscriberError, chunk_bounds, default_chunk_seconds,
-                                   merge_words)
+from inference.transcriber import (ATTENTION_CHUNK_SECONDS, ENCODER_FRAMES_PER_SECOND,
+                                   MAMBA_CHUNK_SECONDS, Transcriber, TranscriberError,
+                                   chunk_bounds, default_chunk_seconds, merge_words)
 from recipes.audio import load_audio
 from recipes.manifest import read_rows
 from recipes.untrained import export_untrained
@@ -195,7 +195,8 @@ def test_files_worth_the_compiled_scan_load_it_before_the_first(ctc, audio_files
     monkeypatch.setattr(ctc, "batch_size", 1)
     encoder = next(m for m in ctc.asr.mods.modules() if getattr(m, "scan_work_per_frame", 0))
     seconds = sum(check_audio(f) for f in audio_files)
-    runs = unloaded_kernels(load_after=int(0.9 * seconds * 25 * encoder.scan_work_per_frame))
+    work = seconds * ENCODER_FRAMES_PER_SECOND * encoder.scan_work_per_frame
+    runs = unloaded_kernels(load_after=int(0.9 * work))
     ctc.transcribe_files(audio_files[:1])
     assert not scan_cpu.loaded() and not runs and scan_cpu._torch_work > 0
     scan_cpu._torch_work = 0
