@@ -113,6 +113,21 @@ def test_conv_module_equals_speechbrains_without_padding(causal):
              for y, m in ((y_ours, ours), (y_theirs, theirs))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # inference: the depthwise conv as shifted multiply-adds
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("left, right", [(15, 15), (30, 0), (0, 0), (2, 5)])
+def test_depthwise_conv_as_shifted_sums_equals_the_convolution(left, right):
+    from modules.Conmamba import depthwise_conv1d
+
+    conv = torch.nn.Conv1d(8, 8, 31, groups=8)
+    x = torch.randn(3, 8, 40, dtype=torch.float64)
+    conv = conv.double()
+    expected = conv(torch.nn.functional.pad(x, (left, right)))
+    torch.testing.assert_close(depthwise_conv1d(x, conv.weight, conv.bias, left, right), expected)
+    torch.testing.assert_close(depthwise_conv1d(x, conv.weight, None, left, right),
+                               expected - conv.bias[:, None])
 
 
 @pytest.mark.parametrize("normalize_before", [True, False])
