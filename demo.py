@@ -5,7 +5,7 @@ search alone, then with a token 6-gram LM of the corpus' sentence pool without i
 test sentences, its weight and word score chosen on the valid split), transcribes one file with the
 exported model and prints a summary table.
 
-    python demo.py                      # full demo: 7 epochs, ~13.4 min on 2 CPU cores
+    python demo.py                      # full demo: 7 epochs, ~13 min on 2 CPU cores
     python demo.py --epochs 3           # the time budget knob: ~1.6 min per epoch on 2 cores
     python demo.py --resume             # continue an interrupted run in the same folder
     python demo.py --quick              # smoke run in seconds: tiny model, few utterances

@@ -212,7 +212,8 @@ def export_inference_folder(hparams, kind, tokenizer_file, lm_model=None):
 
     hparams["model"] must hold the weights to export (the averaged ones after testing).
     """
-    if getattr(hparams["normalize"], "count", 1) == 0:
+    normalize = hparams["normalize"]
+    if getattr(normalize, "norm_type", "global") == "global" and getattr(normalize, "count", 1) == 0:
         raise RecipeError("Cannot export: the feature normalizer has seen no training batch, so "
                           "the exported model could not normalize its input; train for at least "
                           "one step first")

@@ -112,6 +112,10 @@ def test_bidirectional_and_lookahead_models_refuse_to_stream(tmp_path):
     _, parts = _recipe_model(STREAMING, tmp_path / "cnn", {"cnn_padding": "same"})
     with pytest.raises(StreamingError, match="CNN front end"):
         StreamingEncoder(*parts)
+    # per-utterance feature statistics: not known until the utterance ends
+    _, parts = _recipe_model(STREAMING, tmp_path / "norm", {"norm_type": "sentence"})
+    with pytest.raises(StreamingError, match="streaming needs norm_type global"):
+        StreamingEncoder(*parts)
 
 
 @pytest.fixture(scope="module")
