@@ -82,13 +82,35 @@ def worker(folder, seconds, memory_seconds, threads):
         offset = pushed % len(loop)
         asr.push(loop[offset: offset + piece])
         pushed += min(piece, len(loop) - offset)
-        for mark in (60, memory_seconds):
+        for mark in (_first_mark(memory_seconds), memory_seconds):
             if mark not in marks and pushed >= mark * SAMPLE_RATE:
                 marks[mark] = {"rss_mb": _rss_mb(), "state_bytes": _state_bytes(asr.state),
                                "text_chars": len(asr.text)}
     result["memory"] = {str(k): v for k, v in marks.items()}
     result["memory_run_rtf"] = (time.perf_counter() - start) / memory_seconds
     return result
+
+
+def _first_mark(memory_seconds):
+    """Seconds of streamed audio at which memory is first read: 1 minute, or the whole run."""
+    return min(60.0, memory_seconds)
+
+
+def memory_table(results, models, memory_seconds):
+    """Markdown lines of the memory runs: {model: worker result} for the given models."""
+    first_mark = _first_mark(memory_seconds)
+    lines = [f"| model | RSS after {first_mark / 60:.3g} min | RSS after "
+             f"{memory_seconds / 60:.3g} min | stream state | memory run RTF |",
+             "|---|---|---|---|---|"]
+    for name in models:
+        m = results[name]["memory"]
+        first, last = m[str(first_mark)], m[str(memory_seconds)]
+        state = f"{first['state_bytes'] / 1024:.0f} KiB"
+        if last["state_bytes"] != first["state_bytes"]:
+            state += f" -> {last['state_bytes'] / 1024:.0f} KiB"
+        lines.append(f"| {name} | {first['rss_mb']:.0f} MB | {last['rss_mb']:.0f} MB | {state} | "
+                     f"{results[name]['memory_run_rtf']:.3f} |")
+    return lines
 
 
 def lookahead_rows():
@@ -128,6 +150,8 @@ def main(argv=None):
         return None
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     memory_seconds = args.memory_seconds or (600.0 if args.quick else 3600.0)
+    if seconds <= 0 or memory_seconds <= 0:
+        p.error("--seconds and --memory-seconds must be positive")
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,18 +178,7 @@ def main(argv=None):
             print(f"| {name} | {r['parameters'] / 1e6:.1f}M | {piece_ms} ms | {row['p50_ms']:.1f} "
                   f"| {row['p95_ms']:.1f} | {row['rtf']:.3f} |")
     print(f"\nResident memory of one stream ({MEMORY_PIECE_S:g} s pieces)\n")
-    print("| model | RSS after 1 min | RSS after "
-          f"{memory_seconds / 60:g} min | stream state | memory run RTF |")
-    print("|---|---|---|---|---|")
-    for name in args.models:
-        m = results[name]["memory"]
-        first, last = m["60"], m[str(memory_seconds)] if str(memory_seconds) in m else m[
-            max(m, key=float)]
-        state = f"{first['state_bytes'] / 1024:.0f} KiB"
-        if last["state_bytes"] != first["state_bytes"]:
-            state += f" -> {last['state_bytes'] / 1024:.0f} KiB"
-        print(f"| {name} | {first['rss_mb']:.0f} MB | {last['rss_mb']:.0f} MB | {state} | "
-              f"{results[name]['memory_run_rtf']:.3f} |")
+    print("\n".join(memory_table(results, args.models, memory_seconds)))
     print("\nLook-ahead (ms) per part\n")
     print("| config | features | CNN | conv modules | Mamba | total | output period |")
     print("|---|---|---|---|---|---|---|")

@@ -193,3 +193,23 @@ def test_s2s_and_bad_piece_size_errors(streaming_dir):
     asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
     with pytest.raises(TranscriberError, match="at least one sample"):
         list(asr.transcribe_pieces(torch.zeros(100), 0))
+
+
+def test_streaming_benchmark_worker_short_memory_run(streaming_dir):
+    """benchmarks.bench_streaming's worker on a memory run shorter than a minute reads memory
+    once, at its end (it used to look for a 1-minute reading and fail)."""
+    from benchmarks import bench_streaming
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench_streaming.worker(streaming_dir, 1.5, 5.0, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert list(result["memory"]) == ["5.0"]
+    assert result["memory"]["5.0"]["state_bytes"] > 0
+    table = bench_streaming.memory_table({"tiny": result}, ["tiny"], 5.0)
+    state_kib = result["memory"]["5.0"]["state_bytes"] / 1024
+    assert table[0].startswith("| model | RSS after 0.0833 min | RSS after 0.0833 min |")
+    assert table[2].startswith("| tiny |") and f"| {state_kib:.0f} KiB |" in table[2]
+    assert set(result["pieces"]) == set(bench_streaming.PIECES_MS)
+    assert all(row["p50_ms"] <= row["p95_ms"] for row in result["pieces"].values())
