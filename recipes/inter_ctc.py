@@ -35,10 +35,12 @@ def inter_ctc_layer(hparams):
 @contextlib.contextmanager
 def layer_output(model, layer):
     """While active, the output (B, L, D) of layer ``layer`` (1-based) of model's encoder in a
-    forward pass, through the encoder's final LayerNorm, is kept in the yielded dict under "out"
-    (the first call's only: a checkpointed layer runs again in the backward). model: the
-    TransformerASR, or its DistributedDataParallel wrapper. Nothing is kept when layer is None or
-    the layer was dropped (layerdrop)."""
+    forward pass is kept (the first call's only: a checkpointed layer runs again in the
+    backward); on leaving the block it goes through the encoder's final LayerNorm into the
+    yielded dict under "out". The hook itself computes nothing: inside a gradient-checkpointed
+    layer, an operation in the first forward only would change what the recomputation saves.
+    model: the TransformerASR, or its DistributedDataParallel wrapper. Nothing is kept when
+    layer is None or the layer was dropped (layerdrop)."""
     kept = {}
     if layer is None:
         yield kept
@@ -46,11 +48,12 @@ def layer_output(model, layer):
     encoder = getattr(model, "module", model).encoder
 
     def keep(module, args, output):
-        if "out" not in kept:
-            kept["out"] = encoder.norm(output[0] if isinstance(output, tuple) else output)
+        kept.setdefault("raw", output[0] if isinstance(output, tuple) else output)
 
     handle = encoder.layers[layer - 1].register_forward_hook(keep)
     try:
         yield kept
     finally:
         handle.remove()
+    if "raw" in kept:
+        kept["out"] = encoder.norm(kept.pop("raw"))

@@ -100,3 +100,34 @@ def test_loss_mixes_the_intermediate_layer_in_training_only(repo_root, tmp_path)
     assert torch.allclose(plain_loss, ctc(p_ctc, tokens, lens, token_lens).sum(), atol=1e-5)
     loss.backward()  # the lower layers get the intermediate loss's gradient as well
     assert all(p.grad is not None for p in encoder.layers[0].parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("encoder", ["conmamba", "conformer"])
+def test_with_encoder_gradient_checkpointing_same_loss_and_gradients(encoder, repo_root,
+                                                                      tmp_path):
+    """Intermediate CTC and encoder_gradient_checkpointing together: the same loss and gradients
+    as without checkpointing (the hook inside a checkpointed layer used to make the recomputation
+    save fewer tensors than the forward: CheckpointError)."""
+    results = []
+    for checkpointing in (False, True):
+        brain, hp = _brain(repo_root, tmp_path / str(checkpointing), encoder,
+                           inter_ctc_weight=0.3, encoder_gradient_checkpointing=checkpointing,
+                           transformer_dropout=0.0)
+        if results:
+            brain.modules.load_state_dict(results[0][0])
+        batch = _batch()
+        brain.modules.normalize(hp["compute_features"](batch.sig[0]), batch.sig[1], epoch=1)
+        brain.modules.eval()  # normalizer fixed
+        brain.modules.Transformer.train()  # checkpointing acts in training only (no dropout)
+        brain.modules.Transformer.encoder.layerdrop_prob = 0.0
+        loss = brain.compute_objectives(brain.compute_forward(batch, sb.Stage.TRAIN), batch,
+                                        sb.Stage.TRAIN)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in brain.modules.named_parameters()
+                 if p.grad is not None}
+        results.append((brain.modules.state_dict(), loss.detach(), grads))
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6), name
