@@ -113,8 +113,8 @@ def train_command(args, out):
     if args.quick:
         csvs = write_subset(os.path.join(out, "quick_data"), QUICK_UTTERANCES, args.corpus)
         cmd += ["--train_csv", csvs["train"], "--valid_csv", csvs["valid"],
-                "--test_csv", f"[{csvs['test']}, {csvs['real']}]", "--number_of_epochs", "1",
-                "--n_warmup_steps", "2", "--noprogressbar"]
+                "--test_csv", f"[{csvs['test']}, {csvs['real']}]", "--number_of_epochs",
+                str(args.epochs or 1), "--n_warmup_steps", "2", "--noprogressbar"]
         for key, value in QUICK_MODEL.items():
             cmd += [f"--{key}", str(value)]
     elif args.corpus != CORPUS:
@@ -122,7 +122,7 @@ def train_command(args, out):
         cmd += ["--data_folder", args.corpus, "--train_csv", csv_path["train"],
                 "--valid_csv", csv_path["valid"],
                 "--test_csv", f"[{csv_path['test']}, {csv_path['real']}]"]
-    if args.epochs is not None:
+    if args.epochs is not None and not args.quick:
         cmd += ["--number_of_epochs", str(args.epochs)]
     return cmd
 

@@ -56,7 +56,14 @@ def parse_overrides(overrides):
     if not overrides:
         return {}
     if isinstance(overrides, str):
-        return dict(ruamel.yaml.YAML().load(overrides) or {})
+        try:
+            return dict(ruamel.yaml.YAML().load(overrides) or {})
+        except ruamel.yaml.constructor.DuplicateKeyError as e:
+            key = getattr(e.problem_mark, "line", None)
+            line = overrides.splitlines()[key] if key is not None else ""
+            name = line.split(":", 1)[0].strip() or "a key"
+            raise RecipeError(f"--{name} is given more than once on the command line: give it "
+                              "once") from e
     return dict(overrides)
 
 

@@ -17,6 +17,7 @@ from recipes import RecipeError
 from recipes.check_data import check_before_training, flag_argv
 from recipes.device import RUN_OPTION_KEYS, resolve_device
 from recipes.hparams import load_recipe
+from recipes.run_settings import check_same_run, record_run
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ def setup(argv, kind, mps_note=None):
         run_opts, **changes, overridden_args=run_opts.overridden_args | set(changes))
     sb.utils.distributed.ddp_init_group(run_opts)
 
+    check_same_run(hparams)  # before hyperparams.yaml is overwritten
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=routed)
+    if if_main_process():
+        record_run(hparams)
     if if_main_process() and os.path.isfile(sys.argv[0]):  # keep the script next to its results
         shutil.copy(sys.argv[0], hparams["output_folder"])
     lines = [f"train_{kind}.py {hparams_file}: device {device}"]

@@ -102,6 +102,16 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
         demo.main(["--corpus", str(tmp_path), "--output-folder", str(tmp_path / "out")])
 
 
+def test_quick_run_takes_epochs_once(tmp_path):
+    """--quick with --epochs: one --number_of_epochs (twice, train_CTC.py refuses the command)."""
+    args = demo.parse_args(["--quick", "--epochs", "3", "--output-folder", str(tmp_path)])
+    cmd = demo.train_command(args, str(tmp_path))
+    assert cmd.count("--number_of_epochs") == 1
+    assert cmd[cmd.index("--number_of_epochs") + 1] == "3"
+    full = demo.train_command(demo.parse_args(["--epochs", "3"]), str(tmp_path))
+    assert full[full.index("--number_of_epochs") + 1] == "3"
+
+
 def test_oov_rate_counts_tokens_missing_from_train():
     train = [{"wrd": "A B C"}, {"wrd": "C D"}]
     assert demo.oov_rate([{"wrd": "A E"}, {"wrd": "D D F G"}], train) == pytest.approx(50.0)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
@@ -170,6 +171,14 @@ def test_overrides_are_routed_and_checked(repo_root, tmp_path):
     assert hp["model"][1].encoder.layers[0].mamba.in_proj.in_features == 48  # recipe key
     with pytest.raises(RecipeError, match="Unknown hyperparameter 'd_stat'.*Did you mean: d_state"):
         _tiny(repo_root, tmp_path, d_stat=8)
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(repo_root, tmp_path):
+    _, _, overrides = sb.parse_arguments([str(repo_root / "hparams/CTC/tiny.yaml"),
+                                          "--number_of_epochs", "1", "--d_model", "48",
+                                          "--number_of_epochs", "3"])
+    with pytest.raises(RecipeError, match="--number_of_epochs is given more than once"):
+        load_recipe(str(repo_root / "hparams/CTC/tiny.yaml"), overrides, device="cpu")
 
 
 @pytest.mark.parametrize("rel", RECIPES)

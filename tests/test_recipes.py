@@ -88,7 +88,10 @@ def ctc_run(corpus, csvs, tmp_path_factory):
     resumed = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts)
     more = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts,
                "--number_of_epochs", "2")
-    return dict(out=out, crash=crash, intra=intra, resumed=resumed, more=more, wav=first)
+    swept = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts,
+                "--number_of_epochs", "2", "--d_state", "8", "--lr_model", "0.01", check=False)
+    return dict(out=out, crash=crash, intra=intra, resumed=resumed, more=more, swept=swept,
+                wav=first)
 
 
 def test_bad_audio_stops_with_its_name(ctc_run):
@@ -113,6 +116,18 @@ def test_rerun_with_more_epochs_continues(ctc_run):
     lines = (ctc_run["out"] / "train_log.txt").read_text().splitlines()
     assert [line.split(",")[0] for line in lines if line.startswith("epoch")] == \
         ["epoch: 1", "epoch: 2"]
+
+
+def test_other_settings_in_a_folder_with_checkpoints_are_refused(ctc_run):
+    """A sweep's next value run into the same folder would resume (or only re-test) the
+    recorded run: refused before anything is written; more epochs (above) are fine."""
+    swept, out = ctc_run["swept"], ctc_run["out"]
+    assert swept.returncode == 1
+    err = swept.stderr.split("ERROR: ")[-1]
+    assert err.startswith(f"{out} holds checkpoints of a run made with other settings")
+    assert "d_state: 4 there, 8 now" in err and "lr_model:" in err and "--output_folder" in err
+    assert "number_of_epochs" not in err
+    assert "d_state: 4" in (out / "hyperparams.yaml").read_text()  # not overwritten
 
 
 def test_outputs_and_settings(ctc_run):
