@@ -34,6 +34,7 @@ def setup(argv, kind, mps_note=None):
     cli = {k: run_opts[k] for k in RUN_OPTION_KEYS if k in run_opts.overridden_args}
     hparams, routed, settings = load_recipe(hparams_file, overrides, device, cli)
 
+    _one_checkpoint_interval(hparams, run_opts)
     changes = {"device": device}
     if (os.environ.get("RANK") is not None and not device.startswith("cuda")
             and "distributed_backend" not in run_opts.overridden_args):
@@ -81,6 +82,25 @@ def setup(argv, kind, mps_note=None):
     if not hparams["skip_train"] and not run_opts.test_only:
         run_on_main(check_before_training, args=[hparams])
     return hparams_file, hparams, run_opts
+
+
+def _one_checkpoint_interval(hparams, run_opts):
+    """Intra-epoch checkpoints every ckpt_interval_steps steps replace the recipe's
+    ckpt_interval_minutes (SpeechBrain takes one or the other); both on the command line, each
+    above 0, is an error."""
+    given = run_opts.overridden_args
+    steps = run_opts.ckpt_interval_steps if "ckpt_interval_steps" in given else \
+        hparams.get("ckpt_interval_steps", 0)
+    if not steps or steps <= 0:
+        return
+    if "ckpt_interval_minutes" in given and run_opts.ckpt_interval_minutes > 0:
+        raise RecipeError(f"--ckpt_interval_minutes {run_opts.ckpt_interval_minutes} and "
+                          f"--ckpt_interval_steps {steps}: give one of them (intra-epoch "
+                          "checkpoints every N minutes or every N steps)")
+    if hparams.get("ckpt_interval_minutes"):
+        logger.info("ckpt_interval_steps %s replaces the recipe's ckpt_interval_minutes %s",
+                    steps, hparams["ckpt_interval_minutes"])
+        hparams["ckpt_interval_minutes"] = 0
 
 
 def recipe_tokenizer(hparams, kind, device):

@@ -77,8 +77,9 @@ def ctc_run(corpus, csvs, tmp_path_factory):
                      "wrd": train[0]["wrd"]}]
     data = (folder, _write(tmp / "train.csv", rows), csvs[2], csvs[3])
     out = tmp / "out"
+    # (steps alone: they replace the recipe's ckpt_interval_minutes)
     opts = ["--sorting", "ascending", "--batch_size", "4", "--ckpt_interval_steps", "1",
-            "--ckpt_interval_minutes", "0", "--check_data", "False"]  # found while training
+            "--check_data", "False"]  # the bad file is found while training
     crash = run("train_CTC.py", "hparams/CTC/tiny.yaml", out, data, *opts, check=False)
     intra = [p for p in (out / "save").glob("CKPT*")
              if "brain_intra_epoch_ckpt" in (p / "CKPT.yaml").read_text()]
@@ -128,6 +129,21 @@ def test_other_settings_in_a_folder_with_checkpoints_are_refused(ctc_run):
     assert "d_state: 4 there, 8 now" in err and "lr_model:" in err and "--output_folder" in err
     assert "number_of_epochs" not in err
     assert "d_state: 4" in (out / "hyperparams.yaml").read_text()  # not overwritten
+
+
+def test_both_checkpoint_intervals_on_the_command_line_are_refused(tmp_path):
+    import speechbrain as sb
+
+    from recipes.run import _one_checkpoint_interval
+
+    _, opts, _ = sb.parse_arguments(["x.yaml", "--ckpt_interval_minutes", "5",
+                                     "--ckpt_interval_steps", "3"])
+    with pytest.raises(RecipeError, match="give one of them"):
+        _one_checkpoint_interval({"ckpt_interval_minutes": 30}, opts)
+    _, opts, _ = sb.parse_arguments(["x.yaml", "--ckpt_interval_steps", "3"])
+    hparams = {"ckpt_interval_minutes": 30}
+    _one_checkpoint_interval(hparams, opts)
+    assert hparams["ckpt_interval_minutes"] == 0
 
 
 def test_outputs_and_settings(ctc_run):
