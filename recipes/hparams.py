@@ -20,6 +20,7 @@ goes into the include, a top-level key (data_folder) to the top level. Unknown k
 
 import difflib
 import os
+import re
 from io import StringIO
 
 import ruamel.yaml
@@ -82,6 +83,10 @@ def route_overrides(path, overrides, free_keys=()):
     block = tree[block_key] if block_key else {}
     routed, nested, in_block = {}, {}, {}
     for key, value in parse_overrides(overrides).items():
+        for source in (block, inner, tree):
+            if key in source:
+                _check_type(key, value, source[key])
+                break
         if key in block:  # merged at parse time: every copy gets the new value
             routed[key] = nested[key] = in_block[key] = value
         elif key in inner and key not in tree:
@@ -101,6 +106,58 @@ def route_overrides(path, overrides, free_keys=()):
     return routed, inc_key
 
 
+def _check_type(key, value, default):
+    """An override of a True/False key must be True or False (YAML reads ``no`` as a string);
+    one of a number must be a number."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"--{key} takes True or False, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise RecipeError(f"--{key} takes a number (default {default}), got {value!r}")
+    elif isinstance(default, (int, float)) and isinstance(value, bool):
+        raise RecipeError(f"--{key} takes a number (default {default}), got {value!r}")
+
+
+# sizes that must be positive integers (expand: a positive number), where a recipe has them
+POSITIVE_INTS = ("d_model", "nhead", "num_encoder_layers", "d_ffn", "d_state", "d_conv",
+                 "output_neurons", "n_mels", "number_of_epochs", "lm_d_model", "lm_nhead",
+                 "lm_num_layers", "lm_d_ffn")
+ATTENTION_ENCODERS = ("conformer", "transformer", "branchformer")
+
+
+def check_sizes(values):
+    """RecipeError naming the key when a model size of ``values`` (a resolved recipe: preview)
+    cannot build a model: sizes below 1, expand <= 0, attention widths not divisible by their
+    number of heads."""
+    for key in POSITIVE_INTS:
+        value = values.get(key)
+        if value is not None and _is_number(value) and (int(value) != value or value < 1):
+            hint = (" (to test a trained run without training: --test_only)"
+                    if key == "number_of_epochs" else "")
+            raise RecipeError(f"{key} is {value}: give a whole number >= 1{hint}")
+    for key in ("num_decoder_layers",):
+        value = values.get(key)
+        if value is not None and _is_number(value) and (int(value) != value or value < 0):
+            raise RecipeError(f"{key} is {value}: give a whole number >= 0")
+    expand = values.get("expand")
+    if expand is not None and _is_number(expand) and expand <= 0:
+        raise RecipeError(f"expand is {expand}: give a number > 0 (d_inner = expand * d_model)")
+    attention = (values.get("encoder_module") in ATTENTION_ENCODERS
+                 or (values.get("decoder_module") == "transformer"
+                     and (values.get("num_decoder_layers") or 0) > 0))
+    pairs = [("d_model", "nhead")] if attention else []
+    pairs.append(("lm_d_model", "lm_nhead"))
+    for width, heads in pairs:
+        w, h = values.get(width), values.get(heads)
+        if _is_number(w) and _is_number(h) and h >= 1 and w % h:
+            raise RecipeError(f"{width} {w} is not divisible by {heads} {h}: attention splits "
+                              f"{width} into {heads} equal heads; choose values that divide")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def flatten(hparams, inc_key):
     """Merges the included file's dict into the top level (top-level keys win); drops '__' keys
     and the recipe's block of values (they are top-level keys already)."""
@@ -112,9 +169,19 @@ def flatten(hparams, inc_key):
 
 def preview(path, routed, inc_key):
     """The recipe with references resolved but no object built: a flat dict of ruamel nodes
-    (plain values, and tagged mappings for the objects: ``!new:...``)."""
+    (plain values, and tagged mappings for the objects: ``!new:...``). A key the recipe leaves
+    for the command line (``!PLACEHOLDER``) and the overrides do not set is a RecipeError."""
     with open(path) as f:
-        text = resolve_references(f, routed).getvalue()
+        try:
+            text = resolve_references(f, routed).getvalue()
+        except ValueError as e:
+            match = re.search(r"'(\w+)' is a !PLACEHOLDER", str(e))
+            if match is None:
+                raise
+            key = match.group(1)
+            what = (" (the LibriSpeech folder, or the folder the wav paths of your CSVs are "
+                    "relative to)" if key == "data_folder" else "")
+            raise RecipeError(f"{path} has no value for {key}: give --{key} VALUE{what}") from e
     return flatten(ruamel.yaml.YAML().load(StringIO(text)) or {}, inc_key)
 
 
@@ -147,6 +214,7 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
     user = parse_overrides(overrides)
     routed, inc_key = route_overrides(path, user)
     seen = preview(path, routed, inc_key)
+    check_sizes(seen)
     kind = device.split(":")[0]
     settings = {}
     for key, preset in PRESETS[kind].items():

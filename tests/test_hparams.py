@@ -196,3 +196,48 @@ def test_override_of_a_recipe_value_reaches_every_copy(repo_root, tmp_path):
     hp = _tiny(repo_root, tmp_path, d_model=48, number_of_epochs=3)  # both set by tiny.yaml
     assert hp["d_model"] == 48 and hp["model"][1].encoder.layers[0].mamba.in_proj.in_features == 48
     assert hp["number_of_epochs"] == 3 and hp["epoch_counter"].limit == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"d_state": 0}, "d_state is 0: give a whole number >= 1"),
+    ({"expand": -1}, "expand is -1: give a number > 0"),
+    ({"d_conv": 0}, "d_conv is 0: give a whole number >= 1"),
+    ({"number_of_epochs": 0}, "number_of_epochs is 0: .*--test_only"),
+    ({"bidirectional": "no"}, "--bidirectional takes True or False, got 'no'"),
+    ({"d_state": "big"}, "--d_state takes a number"),
+    ({"nhead": 3}, "d_model 512 is not divisible by nhead 3"),
+    ({"lm_d_model": 128}, "lm_d_model 128 is not divisible by lm_nhead 12"),
+])
+def test_sizes_that_cannot_build_a_model_are_refused(overrides, message, repo_root, tmp_path):
+    """Checked before anything is built, with the key named (they used to fail deep inside
+    the model, or at the first step, or silently: 'no' is a true string)."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(str(repo_root / "hparams/S2S/conmamba_large.yaml"),
+                    {"output_folder": str(tmp_path), "data_folder": str(tmp_path), **overrides})
+
+
+def test_attention_heads_only_checked_where_attention_is_used(repo_root, tmp_path):
+    """A ConMamba CTC model has no attention: any nhead builds; a Conformer needs a divisor."""
+    hp = _tiny(repo_root, tmp_path, nhead=3, d_model=32)
+    assert hp["model"][1].encoder.layers[0].mamba is not None
+    with pytest.raises(RecipeError, match="d_model 32 is not divisible by nhead 3"):
+        _tiny(repo_root, tmp_path, nhead=3, d_model=32, encoder_module="conformer")
+
+
+def test_mamba_config_values_are_checked():
+    from modules.mamba import check_mamba_config
+
+    assert check_mamba_config({"d_state": 8, "expand": 1.5})["expand"] == 1.5
+    for bad, message in (({"d_state": 0}, "d_state must be a whole number >= 1"),
+                         ({"d_conv": 2.5}, "d_conv must be a whole number"),
+                         ({"expand": 0}, "expand must be a number > 0"),
+                         ({"bidirectional": "no"}, "bidirectional must be True or False"),
+                         ({"bimamba_merge": "max"}, "bimamba_merge must be 'mean' or 'sum'")):
+        with pytest.raises(ValueError, match=message):
+            check_mamba_config(bad)
+
+
+def test_a_value_left_for_the_command_line_is_asked_for(repo_root, tmp_path):
+    with pytest.raises(RecipeError, match="has no value for data_folder: give --data_folder"):
+        load_recipe(str(repo_root / "hparams/S2S/conmamba_large.yaml"),
+                    {"output_folder": str(tmp_path)})

@@ -37,7 +37,21 @@ def check_mamba_config(mamba_config) -> dict:
                 f"mamba_config: unknown key {key!r}; allowed keys: {', '.join(sorted(allowed))} "
                 "(fix the mamba_config entry of your hparams YAML)"
             )
-    return {**MAMBA_DEFAULTS, **mamba_config}
+    config = {**MAMBA_DEFAULTS, **mamba_config}
+    for key in ("d_state", "d_conv"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"mamba_config: {key} must be a whole number >= 1, got {value!r}")
+    expand = config["expand"]
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or expand <= 0:
+        raise ValueError(f"mamba_config: expand must be a number > 0, got {expand!r}")
+    if not isinstance(config["bidirectional"], bool):
+        raise ValueError("mamba_config: bidirectional must be True or False, got "
+                         f"{config['bidirectional']!r}")
+    if config.get("bimamba_merge", "mean") not in ("mean", "sum"):
+        raise ValueError("mamba_config: bimamba_merge must be 'mean' or 'sum', got "
+                         f"{config['bimamba_merge']!r}")
+    return config
 
 
 def build_mamba(d_model: int, mamba_config: dict, bidirectional: bool) -> nn.Module:
