@@ -102,10 +102,17 @@ def test_command_line_and_yaml_win_over_presets(repo_root, tmp_path):
 
 def test_mamba_scan_start_up_line(monkeypatch):
     """The recipes' start-up line comes from the scan module's resolver (the one that decides)."""
+    from modules.mamba import scan_cpu
     from modules.mamba.scan import describe_backend
 
     monkeypatch.delenv("MAMBA_SCAN_BACKEND", raising=False)
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     assert describe_backend("cpu") == (
         "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu)")
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "1")
+    if scan_cpu.available():  # training on CPU runs the compiled kernels
+        assert describe_backend("cpu") == (
+            "Mamba selective scan: compiled CPU scan (numba kernels) (backend 'torch': tensors "
+            "on cpu)")
     assert describe_backend("mps") == (
         "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on mps)")

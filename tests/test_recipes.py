@@ -154,7 +154,9 @@ def test_outputs_and_settings(ctc_run):
     stdout = ctc_run["resumed"].stdout
     assert "device cpu" in stdout and "precision: fp32 (cpu preset)" in stdout
     assert "batch_size: 4 (command line)" in stdout and "dynamic_batching: False" in stdout
-    assert "Mamba selective scan: pure-PyTorch scan" in stdout
+    from modules.mamba import scan_cpu
+    label = "compiled CPU scan (numba kernels)" if scan_cpu.available() else "pure-PyTorch scan"
+    assert f"Mamba selective scan: {label}" in stdout
 
 
 def test_exported_ctc_model_transcribes(ctc_run, tmp_path):

@@ -219,6 +219,7 @@ def test_auto_prefers_the_kernel_then_triton_then_torch(monkeypatch):
         "selective_scan_cuda imports)")
     assert ss._resolve(None, "cuda", torch.float32, streaming=True)[0] == "triton"
     assert ss._resolve(None, "cuda", torch.float64)[0] == "torch"
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")
     assert ss.describe_backend("cpu") == (
         "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu)")
 
@@ -294,7 +295,8 @@ def test_forced_backends_that_cannot_run_here(monkeypatch):
         ss._resolve("triton", "cuda", torch.float64)
 
 
-def test_first_call_logs_the_backend_used(caplog):
+def test_first_call_logs_the_backend_used(caplog, monkeypatch):
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", "0")  # the pure-PyTorch scan, whatever is loaded
     inputs = make_inputs(1, 2, 2, 3, dtype=torch.float32)
     args = [inputs[k] for k in ARG_NAMES]
     with caplog.at_level(logging.INFO, logger="modules.mamba.scan"):
@@ -307,4 +309,22 @@ def test_first_call_logs_the_backend_used(caplog):
         "tensors on cpu",
         "Mamba selective scan: using the reference loop (backend 'ref') on cpu: forced by the "
         "backend argument",
+    ]
+
+
+def test_first_call_logs_the_compiled_kernels_when_they_ran(caplog, unloaded_kernels):
+    """On CPU the torch backend runs either implementation: the log names the one that ran (a
+    short inference scan: pure PyTorch; a scan with gradients loads and runs the kernels)."""
+    runs = unloaded_kernels(1 << 40)
+    inputs = make_inputs(1, 2, 2, 3, dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="modules.mamba.scan"):
+        selective_scan(*[inputs[k] for k in ARG_NAMES])
+        trained = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        selective_scan(*[trained[k] for k in ARG_NAMES])
+    assert runs == [1]
+    assert [r.getMessage() for r in caplog.records if r.name == "modules.mamba.scan"] == [
+        "Mamba selective scan: using the pure-PyTorch scan (backend 'torch') on cpu: "
+        "tensors on cpu",
+        "Mamba selective scan: using the compiled CPU scan (numba kernels) (backend 'torch') on "
+        "cpu: tensors on cpu",
     ]

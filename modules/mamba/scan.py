@@ -37,7 +37,7 @@ from . import scan_cpu
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
 LABELS = {"cuda": "mamba-ssm CUDA kernel", "triton": "Triton scan", "torch": "pure-PyTorch scan",
-          "ref": "reference loop"}
+          "ref": "reference loop", "compiled": "compiled CPU scan (numba kernels)"}
 logger = logging.getLogger(__name__)
 LOG2E = scan_cpu.LOG2E
 SOFTPLUS_THRESHOLD = scan_cpu.SOFTPLUS_THRESHOLD  # softplus(x) = x above it
@@ -724,20 +724,32 @@ def describe_backend(device, backend=None):
     """One line naming the backend the Mamba layers' scans will use on ``device`` (e.g. "cuda:0")
     for float32/bf16 training, and why; the same decision as ``selective_scan`` makes per call.
     ValueError when a forced backend cannot run there."""
-    choice, why = _resolve(backend, torch.device(device).type, torch.float32)
-    return f"Mamba selective scan: {LABELS[choice]} (backend {choice!r}: {why})"
+    device_type = torch.device(device).type
+    choice, why = _resolve(backend, device_type, torch.float32)
+    # the torch backend trains on the compiled kernels wherever they can load (scan_cpu)
+    compiled = choice == "torch" and device_type == "cpu" and scan_cpu.available()
+    label = LABELS["compiled" if compiled else choice]
+    return f"Mamba selective scan: {label} (backend {choice!r}: {why})"
 
 
 _LOGGED = set()
 
 
-def _log_first_use(choice, why, device_type):
-    """One log line per process and (backend, device type), at the first scan that uses it."""
-    key = (choice, device_type)
+def _log_first_use(choice, why, device_type, implementation=None):
+    """One log line per process and (implementation, device type), at the first scan that uses
+    it; implementation: "compiled" when the torch backend ran the compiled CPU kernels."""
+    key = (implementation or choice, device_type)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info("Mamba selective scan: using the %s (backend %r) on %s: %s", LABELS[choice],
+        logger.info("Mamba selective scan: using the %s (backend %r) on %s: %s", LABELS[key[0]],
                     choice, device_type, why)
+
+
+def _ran_compiled(u):
+    """After a torch-backend scan of u: whether it ran the compiled CPU kernels (they are used
+    for every CPU float32/float64 scan once loaded, and loaded by the first one that uses them)."""
+    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)
+            and scan_cpu.loaded())
 
 
 def _torch_backend_on_cpu(x):
@@ -758,7 +770,7 @@ def compiled_cpu_inference(x):
         return False
     torch_on_cpu, why = _torch_backend_on_cpu(x)
     if torch_on_cpu:
-        _log_first_use("torch", why, "cpu")
+        _log_first_use("torch", why, "cpu", "compiled")
     return torch_on_cpu
 
 
@@ -823,7 +835,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
     streaming = initial_state is not None or lengths is not None
     choice, why = _resolve(backend, u.device.type, u.dtype, streaming)
-    _log_first_use(choice, why, u.device.type)
+    if choice != "torch":
+        _log_first_use(choice, why, u.device.type)
     if choice == "cuda":
         return _mamba_ssm_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                return_last_state)
@@ -837,9 +850,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _by_group(selective_scan_triton, *args)
     scan = selective_scan_ref if choice == "ref" else selective_scan_torch
     if lengths is None:
-        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                    initial_state)
-    delta, valid = _mask_past_lengths(delta, delta_bias, delta_softplus, lengths)
-    out, last = scan(u, delta, A, B, C, D, z, None, False, True, initial_state)
-    out = out * valid
-    return (out, last) if return_last_state else out
+        result = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                      initial_state)
+    else:
+        delta, valid = _mask_past_lengths(delta, delta_bias, delta_softplus, lengths)
+        out, last = scan(u, delta, A, B, C, D, z, None, False, True, initial_state)
+        out = out * valid
+        result = (out, last) if return_last_state else out
+    if choice == "torch":  # which implementation ran is known once it has run
+        _log_first_use(choice, why, u.device.type, "compiled" if _ran_compiled(u) else None)
+    return result
