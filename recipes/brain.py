@@ -7,7 +7,6 @@ A recipe subclasses RecipeBrain with SpeechBrain's hooks ``compute_forward`` and
 ``compute_objectives`` and one statistics hook, ``stage_stats``.
 """
 
-import functools
 import logging
 import os
 
@@ -18,9 +17,19 @@ from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import if_main_process
 
 from recipes import RecipeError
+from recipes.checkpoints import LOAD_ERRORS, damaged_checkpoint, verify_files
 from recipes.robust import FaultTolerance
 
 logger = logging.getLogger(__name__)
+
+
+def _load_params(path, map_location=None):
+    """A checkpoint's model parameters (weights only); a damaged file is a RecipeError."""
+    verify_files(os.path.dirname(path), [os.path.basename(path)])
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except LOAD_ERRORS as e:
+        raise damaged_checkpoint(os.path.dirname(path), e) from e
 
 
 class RecipeBrain(FaultTolerance, sb.core.Brain):
@@ -127,9 +136,9 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         if not ckpts:
             raise RecipeError(
                 f"No checkpoint with a {max_key or min_key} value in "
-                f"{self.checkpointer.checkpoints_dir}: train first (skip_train False)")
-        load = functools.partial(torch.load, weights_only=True)
-        state = average_checkpoints(ckpts, recoverable_name="model", parameter_loader=load)
+                f"{self.checkpointer.checkpoints_dir}: train first (without --test_only, "
+                "skip_train False)")
+        state = average_checkpoints(ckpts, recoverable_name="model", parameter_loader=_load_params)
         self.hparams.model.load_state_dict(state, strict=True)
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "

@@ -13,18 +13,57 @@ within a folder is atomic). When listing, a checkpoint whose files do not match 
 import logging
 import os
 import pathlib
+import pickle
 import shutil
+import zlib
 
 import yaml
 
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import if_main_process
 
-from recipes import faults
+from recipes import RecipeError, faults
 
 logger = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # prefix of folders being written or deleted: never loaded
 FILES = "files"  # CKPT.yaml key: {file name: size in bytes}
+CRC = "crc32"  # CKPT.yaml key: {file name: CRC-32 of its bytes}, checked when loaded
+# what torch.load and load_state_dict raise for damaged files or other sizes
+LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError)
+
+
+def _crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def verify_files(folder, names=None):
+    """Raises the damaged_checkpoint error when a file of checkpoint ``folder`` (those in names,
+    default all) no longer has the CRC-32 its CKPT.yaml recorded; folders without a record
+    (older checkpoints) pass."""
+    folder = pathlib.Path(folder)
+    try:
+        with open(folder / METAFNAME, encoding="utf-8") as f:
+            sums = (yaml.safe_load(f) or {}).get(CRC) or {}
+    except FileNotFoundError:
+        return
+    for name, crc in sums.items():
+        if (names is None or name in names) and _crc32(folder / name) != crc:
+            raise damaged_checkpoint(folder, ValueError(
+                f"{name} does not have the CRC-32 recorded in {METAFNAME} when it was saved"))
+
+
+def damaged_checkpoint(folder, error):
+    """The RecipeError for a checkpoint folder whose files cannot be loaded."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return RecipeError(
+        f"Cannot load the checkpoint in {folder} ({type(error).__name__}: {first[:200]}): its "
+        "files are damaged, or were saved by a model of other sizes. Delete that folder "
+        f"(rm -r {folder}) to resume from the checkpoint before it, or train in a new "
+        "--output_folder.")
 
 
 def _fsync_tree(folder):
@@ -53,10 +92,12 @@ class AtomicCheckpointer(Checkpointer):
         if checkpoint is None:  # not the main process
             return None
         final = checkpoint.path.with_name(checkpoint.path.name[len(PARTIAL):])
-        sizes = {p.name: p.stat().st_size for p in checkpoint.path.iterdir()
-                 if p.name != METAFNAME}
-        meta = self._save_checkpoint_metafile(checkpoint.path / METAFNAME,
-                                              {**checkpoint.meta, FILES: sizes}, end_of_epoch)
+        files = [p for p in checkpoint.path.iterdir() if p.name != METAFNAME]
+        sizes = {p.name: p.stat().st_size for p in files}
+        sums = {p.name: _crc32(p) for p in files}
+        meta = self._save_checkpoint_metafile(
+            checkpoint.path / METAFNAME, {**checkpoint.meta, FILES: sizes, CRC: sums},
+            end_of_epoch)
         _fsync_tree(checkpoint.path)
         os.rename(checkpoint.path, final)
         kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
@@ -64,6 +105,13 @@ class AtomicCheckpointer(Checkpointer):
         faults.inject("checkpoint_saved")
         paramfiles = {k: final / p.name for k, p in checkpoint.paramfiles.items()}
         return checkpoint._replace(path=final, meta=meta, paramfiles=paramfiles)
+
+    def load_checkpoint(self, checkpoint):
+        verify_files(checkpoint.path)
+        try:
+            super().load_checkpoint(checkpoint)
+        except LOAD_ERRORS as e:
+            raise damaged_checkpoint(checkpoint.path, e) from e
 
     def _new_checkpoint_dirpath(self):
         path = super()._new_checkpoint_dirpath()
@@ -96,8 +144,9 @@ class AtomicCheckpointer(Checkpointer):
                             size for name, size in files.items()):
             return True
         if if_main_process():
-            logger.warning(f"Removing {ckpt_dir}: its files do not match its {METAFNAME} (the "
-                           "process was stopped while deleting it); it is never loaded")
+            logger.warning(f"Removing {ckpt_dir}: its files do not have the sizes its {METAFNAME} "
+                           "lists (a deletion or copy stopped halfway, or a damaged disk); it is "
+                           "never loaded")
             doomed = ckpt_dir.with_name(PARTIAL + ckpt_dir.name)
             os.rename(ckpt_dir, doomed)
             shutil.rmtree(doomed, ignore_errors=True)

@@ -229,6 +229,38 @@ def test_checkpoint_half_deleted_is_never_loaded(tmp_path):
     assert ckpt.recover_if_possible().meta["n"] == 1
 
 
+def test_damaged_checkpoint_is_a_clear_error_naming_it(tmp_path):
+    """Bytes changed inside a checkpoint file (same size: the listing cannot tell): loading it,
+    to resume or to test, is an error naming the folder and what to do (the CRC-32 recorded at
+    saving differs; without that record, as in older checkpoints, torch.load's error is
+    reworded: no advice to load with weights_only=False)."""
+    import re
+
+    from recipes import RecipeError
+    from recipes.brain import _load_params
+    from recipes.checkpoints import CRC, AtomicCheckpointer
+
+    ckpt = AtomicCheckpointer(tmp_path, {"model": torch.nn.Linear(64, 64)})
+    saved = ckpt.save_checkpoint(meta={"n": 1})
+    path = saved.path / "model.ckpt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = bytes(64)  # weights zeroed: torch.load works
+    path.write_bytes(bytes(data))
+    folder = re.escape(str(saved.path))
+    with pytest.raises(RecipeError, match=f"Cannot load the checkpoint in {folder} .*CRC-32.*"
+                                          f"rm -r {folder}"):
+        ckpt.recover_if_possible()
+    with pytest.raises(RecipeError, match=f"Cannot load the checkpoint in {folder} .*CRC-32"):
+        _load_params(str(path))
+    meta = saved.path / "CKPT.yaml"
+    record = yaml.safe_load(meta.read_text())
+    del record[CRC]
+    meta.write_text(yaml.safe_dump(record))
+    path.write_bytes(b"\0" * 64 + bytes(data[64:]))  # the zip header lost
+    with pytest.raises(RecipeError, match=f"Cannot load the checkpoint in {folder} "):
+        ckpt.recover_if_possible()
+
+
 def test_unreadable_training_file_stops_after_a_checkpoint(manifests, tmp_path):
     """bad_data: error, no periodic checkpoints: the run stops at the batch with the broken
     file, naming it, with a checkpoint of the steps before; fixed, the rerun continues there."""
