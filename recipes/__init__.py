@@ -19,6 +19,18 @@ def run_cli(main, argv, errors=(RecipeError,)):
     try:
         status = main(argv)
     except errors as e:
-        print("ERROR: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        print("ERROR: " + user_message(e), file=sys.stderr, flush=True)
         return 1
     return status if isinstance(status, int) else 0
+
+
+def user_message(error):
+    """The message of a user-fixable error for the terminal: its lines with runs of spaces
+    collapsed. An error re-raised from a DataLoader worker carries the worker's traceback in
+    its message: only the original message (the traceback's last line) is kept."""
+    text = str(error).strip()
+    if "Original Traceback (most recent call last):" in text:
+        last = text.rstrip().splitlines()[-1]
+        prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip())

@@ -48,16 +48,16 @@ def prepare_librispeech(data_folder, save_folder, tr_splits=(), dev_splits=(), t
         return
 
     if not os.path.isdir(data_folder):
-        raise PrepareError(f"LibriSpeech folder {data_folder} does not exist: pass --data_folder "
-                           "/path/to/LibriSpeech (the folder holding the splits)")
+        raise PrepareError(f"LibriSpeech folder {data_folder} does not exist: pass the folder "
+                           "holding the splits (--data_folder /path/to/LibriSpeech)")
     missing = [s for s in splits if not os.path.isdir(os.path.join(data_folder, s))]
     if missing:
         found = sorted(d for d in os.listdir(data_folder)
                        if os.path.isdir(os.path.join(data_folder, d)))
         raise PrepareError(
             f"Split(s) {', '.join(missing)} not found in {data_folder} (found: "
-            f"{', '.join(found) or 'nothing'}); download them or change train_splits/dev_splits/"
-            "test_splits")
+            f"{', '.join(found) or 'nothing'}); download them or change --train_splits, "
+            "--dev_splits or --test_splits")
 
     os.makedirs(save_folder, exist_ok=True)
     rows = {}

@@ -203,6 +203,41 @@ def test_data_check_reports_every_kind_in_one_pass(bad_manifest):
     assert main([bad_manifest]) == 1
 
 
+def test_manifest_problems_stop_training_even_with_bad_data_skip(tmp_path):
+    """A manifest that is missing, lacks a column or has no rows cannot be skipped row by row:
+    the check stops training whatever bad_data says, and names the keys to set."""
+    from recipes import RecipeError
+    from recipes.check_data import check_before_training
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("ID,duration,wav,spk_id,wrd\n")
+    no_wrd = tmp_path / "no_wrd.csv"
+    no_wrd.write_text("ID,duration,wav\nu1,1.0,a.wav\n")
+    problems, rows = check_manifests([str(empty), str(no_wrd), str(tmp_path / "gone.csv")])
+    assert rows == 0
+    assert [(p.line, p.kind) for p in problems] == [(1, "no_rows"), (1, "bad_header"),
+                                                    (0, "no_manifest")]
+    hparams = {"check_data": True, "bad_data": "skip", "train_csv": str(empty),
+               "valid_csv": str(no_wrd), "test_csv": [str(tmp_path / "gone.csv")],
+               "data_folder": str(tmp_path), "sample_rate": 16000}
+    with pytest.raises(RecipeError, match=r"(?s)problems with the manifests:.*no_rows.*"
+                                          r"bad_header.*no_manifest.*--valid_csv"):
+        check_before_training(hparams)
+
+
+def test_errors_keep_their_lines_and_lose_worker_tracebacks():
+    from recipes import RecipeError, user_message
+    from recipes.audio import AudioError
+
+    assert user_message(RecipeError("two   spaces\nsecond  line\n")) == \
+        "two spaces\nsecond line"
+    worker = AudioError("Caught AudioError in DataLoader worker process 1.\nOriginal Traceback "
+                        "(most recent call last):\n  File \"x.py\", line 3, in f\n    raise e\n"
+                        "recipes.audio.AudioError: Cannot read audio a.wav (ID u1). Cannot "
+                        "decode it\n")
+    assert user_message(worker) == "Cannot read audio a.wav (ID u1). Cannot decode it"
+
+
 def test_training_checks_the_data_first(bad_manifest, manifests, tmp_path):
     proc = train(tmp_path / "out", (bad_manifest, *manifests[1:]), "--check_data")
     assert proc.returncode == 1

@@ -74,6 +74,22 @@ def test_prepare_fails_early_on_missing_folder_or_split(tmp_path):
     assert not (tmp_path / "out" / "train-clean-100.csv").exists()  # nothing half done
 
 
+def test_prepare_command_line_takes_the_recipe_key_names(tmp_path, capsys):
+    import librispeech_prepare
+
+    data = tmp_path / "LibriSpeech"
+    _fake_librispeech(data)
+    out = tmp_path / "out"
+    assert librispeech_prepare.run_cli(librispeech_prepare.main, [
+        str(data), str(out), "--train_splits", "train-clean-100", "--dev_splits", "dev-clean",
+        "--test_splits"]) == 0
+    assert (out / "train-clean-100.csv").is_file() and (out / "dev-clean.csv").is_file()
+    assert librispeech_prepare.run_cli(librispeech_prepare.main, [
+        str(tmp_path / "nope"), str(out)]) == 1  # one ERROR line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR: LibriSpeech folder") and "Traceback" not in err
+
+
 def _manifest(path, rows, header="ID,duration,wav,spk_id,wrd"):
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
     return str(path)
