@@ -32,8 +32,6 @@ AUTO_MAX_FILES = 20000
 KINDS = {"missing": False, "unreadable": False, "empty": False, "too_short": False,
          "empty_id": False, "duplicate_id": False, "empty_text": False, "bad_duration": False,
          "sample_rate": True, "no_manifest": False, "bad_header": False, "no_rows": False}
-# problems of a whole manifest: training cannot skip them (bad_data: skip drops rows)
-MANIFEST_KINDS = ("no_manifest", "bad_header", "no_rows")
 Problem = collections.namedtuple("Problem", "csv line utt_id kind message")
 
 
@@ -86,29 +84,19 @@ def check_manifests(csv_paths, data_root=None, sample_rate=16000, min_duration=0
     """
     problems, jobs, rows = [], [], 0
     for csv_path in csv_paths:
-        if not os.path.isfile(csv_path):
-            problems.append(Problem(csv_path, 0, "", "no_manifest",
-                                    f"manifest {csv_path} not found"))
+        whole = manifest_problems([csv_path])
+        problems += whole
+        if whole:
             continue
         root = data_root if data_root is not None else os.path.dirname(os.path.abspath(csv_path))
         seen = set()
         with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                problems.append(Problem(csv_path, 1, "", "bad_header",
-                                        f"missing column(s) {', '.join(missing)}"))
-                continue
-            line = 1
-            for line, row in enumerate(reader, start=2):
+            for line, row in enumerate(csv.DictReader(f), start=2):
                 rows += 1
                 problems += [Problem(csv_path, line, row["ID"] or "", kind, message)
                              for kind, message in _row_problems(row, seen)]
                 seen.add(row["ID"])
                 jobs.append((csv_path, line, row["ID"] or "", resolve_wav(row["wav"] or "", root)))
-            if line == 1:
-                problems.append(Problem(csv_path, 1, "", "no_rows",
-                                        "no rows under the header: no utterance to use"))
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         found = pool.map(lambda job: _header(job[3], sample_rate, min_duration), jobs,
@@ -152,6 +140,7 @@ def check_before_training(hparams):
     tests = hparams["test_csv"]
     csvs = [hparams["train_csv"], hparams["valid_csv"],
             *([tests] if isinstance(tests, str) else tests)]
+    _stop_on_manifest_problems(manifest_problems(csvs), len(csvs))  # always: cheap
     if mode == "auto":
         rows = sum(_count_rows(c) for c in csvs)
         if rows > AUTO_MAX_FILES:
@@ -165,12 +154,6 @@ def check_before_training(hparams):
                                      hparams.get("min_duration", 0.0))
     text = report(problems, rows, time.time() - start)
     stop = blocking(problems)
-    if any(p.kind in MANIFEST_KINDS for p in problems):
-        raise RecipeError(f"The data check found problems with the manifests:\n{text}\nGive "
-                          "manifests that exist and have rows with the columns "
-                          f"{', '.join(REQUIRED_COLUMNS)} (--train_csv, --valid_csv, "
-                          "--test_csv; after LibriSpeech preparation: <output_folder>/<split>.csv"
-                          " for the train_splits, dev_splits and test_splits).")
     if stop and hparams.get("bad_data", "error") == "error":
         raise RecipeError(f"The data check found problems before training:\n{text}\nFix or "
                           "remove these rows, or set bad_data: skip to train without them "
@@ -178,6 +161,37 @@ def check_before_training(hparams):
     (logger.warning if problems else logger.info)(f"Data check:\n{text}")
     if problems:
         print(text.splitlines()[-1], flush=True)
+
+
+def manifest_problems(csv_paths):
+    """Problems of whole manifests (missing, a required column missing, no rows), reading only
+    each file's header and first row."""
+    problems = []
+    for csv_path in csv_paths:
+        if not os.path.isfile(csv_path):
+            problems.append(Problem(csv_path, 0, "", "no_manifest",
+                                    f"manifest {csv_path} not found"))
+            continue
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                problems.append(Problem(csv_path, 1, "", "bad_header",
+                                        f"missing column(s) {', '.join(missing)}"))
+            elif next(reader, None) is None:
+                problems.append(Problem(csv_path, 1, "", "no_rows",
+                                        "no rows under the header: no utterance to use"))
+    return problems
+
+
+def _stop_on_manifest_problems(problems, n_manifests):
+    if problems:
+        text = report(problems, n_manifests, 0.0).rsplit("\n", 1)[0]
+        raise RecipeError(f"Problems with the manifests:\n{text}\nGive manifests that exist "
+                          "and have rows with the columns "
+                          f"{', '.join(REQUIRED_COLUMNS)} (--train_csv, --valid_csv, "
+                          "--test_csv; after LibriSpeech preparation: <output_folder>/<split>.csv"
+                          " for the train_splits, dev_splits and test_splits).")
 
 
 def _count_rows(csv_path):

@@ -220,9 +220,10 @@ def test_manifest_problems_stop_training_even_with_bad_data_skip(tmp_path):
     hparams = {"check_data": True, "bad_data": "skip", "train_csv": str(empty),
                "valid_csv": str(no_wrd), "test_csv": [str(tmp_path / "gone.csv")],
                "data_folder": str(tmp_path), "sample_rate": 16000}
-    with pytest.raises(RecipeError, match=r"(?s)problems with the manifests:.*no_rows.*"
-                                          r"bad_header.*no_manifest.*--valid_csv"):
-        check_before_training(hparams)
+    for check in (True, False):  # the manifests are checked even without the data check
+        with pytest.raises(RecipeError, match=r"(?s)Problems with the manifests:.*no_rows.*"
+                                              r"bad_header.*no_manifest.*--valid_csv"):
+            check_before_training({**hparams, "check_data": check})
 
 
 def test_errors_keep_their_lines_and_lose_worker_tracebacks():
