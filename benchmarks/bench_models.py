@@ -48,6 +48,7 @@ import torch
 
 from speechbrain.nnet.linear import Linear
 
+from benchmarks import busy_machine_note, positive
 from inference.transcriber import ENCODER_FRAMES_PER_SECOND
 from modules.TransformerASR import TransformerASR, count_parameters
 
@@ -444,23 +445,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small encoders, fewer lengths")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads", type=positive(int), default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument(
         "--max-mem-gb",
-        type=float,
+        type=positive(float),
         default=6.0,
         help="skip rows whose largest activations would exceed this (estimate)",
     )
     parser.add_argument(
         "--max-run-s",
-        type=float,
+        type=positive(float),
         default=120.0,
         help="skip longer inputs of a model once one run took longer than this",
     )
     parser.add_argument("--sizes", nargs="+", choices=["S", "L"], default=None,
                         help="encoder dims (default: S and L; --quick: S)")
-    parser.add_argument("--seconds", type=int, nargs="+", default=None,
+    parser.add_argument("--seconds", type=positive(int), nargs="+", default=None,
                         help="audio lengths at batch 1 (default 10 30 60 120 300)")
     parser.add_argument("--no-batch", action="store_true", help="skip the batch 8 x 10 s rows")
     parser.add_argument("--skip-checkpointing", action="store_true")
@@ -482,6 +483,9 @@ def main():
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()}, allocator "
         f"{'settings ' + str(tuned) if tuned else 'defaults'}"
     )
+    note = busy_machine_note(torch.get_num_threads())
+    if note:
+        print(note)
     enc_rows = [] if args.skip_encoders else bench_encoders(args)
     ckpt_rows = [] if args.skip_encoders or args.skip_checkpointing else bench_checkpointing(args)
     dec_rows, init_s = ([], 0.0) if args.skip_decoder else bench_decoder(args)

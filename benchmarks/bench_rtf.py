@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks import busy_machine_note, positive
 from recipes.untrained import SAMPLE_RATE, export_untrained, speech_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,23 +105,23 @@ def models(args):
     return [(n, d, r, k, o, {**opts, **chunking}) for n, d, r, k, o, opts in rows]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 and 60 s only")
-    parser.add_argument("--durations", type=float, nargs="+", default=None,
+    parser.add_argument("--durations", type=positive(float), nargs="+", default=None,
                         help="audio lengths in seconds (default 10 60 600)")
     parser.add_argument("--demo-model", default=None, help="exported folder of a trained model")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk-seconds", type=float, default=None,
+    parser.add_argument("--threads", type=positive(int), default=2)
+    parser.add_argument("--chunk-seconds", type=positive(float), default=None,
                         help="chunk length for every model (default: each model's own, see "
                              "inference.transcriber.default_chunk_seconds)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--files", type=int, default=1,
+    parser.add_argument("--batch-size", type=positive(int), default=4)
+    parser.add_argument("--files", type=positive(int), default=1,
                         help="transcribe this many copies of each audio in one call, timed once "
                              "(default 1: one file, median of 3 runs up to 10 s)")
-    parser.add_argument("--s2s-max-decode-ratio", type=float, default=0.2)
-    parser.add_argument("--s2s-durations", type=float, nargs="+", default=None,
+    parser.add_argument("--s2s-max-decode-ratio", type=positive(float), default=0.2)
+    parser.add_argument("--s2s-durations", type=positive(float), nargs="+", default=None,
                         help="audio lengths for the S2S rows (default: those of --durations up "
                              "to 60 s: beyond, chunks of the same size repeat, see the docstring)")
     parser.add_argument("--only", default=None, help="run the rows whose name contains this")
@@ -128,21 +129,24 @@ def main():
                         help="exported models and audio are kept here and reused (default: a "
                              "temporary folder, removed at the end)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.row:
         row = json.loads(args.row)
         print(json.dumps(measure(row["folder"], row["wav"], row["options"], args.threads,
                                  row["files"])))
-        return
+        return 0
     durations = args.durations or ([10, 60] if args.quick else [10, 60, 600])
     s2s_durations = args.s2s_durations or [d for d in durations if d <= 60]
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_rtf_")
     os.makedirs(work, exist_ok=True)
     try:
-        run_rows(args, durations, s2s_durations, work)
+        ran, failed = run_rows(args, durations, s2s_durations, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    if not ran:
+        print(f"no row ran: no model name contains {args.only!r}", file=sys.stderr)
+    return 1 if failed or not ran else 0
 
 
 def run_rows(args, durations, s2s_durations, work):
@@ -161,9 +165,13 @@ def run_rows(args, durations, s2s_durations, work):
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at "
           f"start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores",
           flush=True)
+    note = busy_machine_note(args.threads)
+    if note:
+        print(note, flush=True)
     header = (f"{'model':<21} {'decoding':<20} {'audio s':>7} {'chunks':>6} {'time s':>8} "
               f"{'RTF':>7} {'CPU s':>7} {'loaded MB':>9} {'peak MB':>8}")
     print(header + "\n" + "-" * len(header), flush=True)
+    ran = failed = 0
     for name, decoding, recipe, kind, overrides, options in models(args):
         if args.only and args.only.lower() not in name.lower():
             continue
@@ -181,7 +189,9 @@ def run_rows(args, durations, s2s_durations, work):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_rtf", "--row", row,
                                    "--threads", str(args.threads)],
                                   capture_output=True, text=True, cwd=REPO)
+            ran += 1
             if proc.returncode:
+                failed += 1
                 line = f"{name:<21} {decoding:<20} {seconds:>7g} FAILED: " + \
                     (proc.stderr.strip().splitlines() or ["?"])[-1]
             else:
@@ -193,7 +203,8 @@ def run_rows(args, durations, s2s_durations, work):
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.work_dir:
         print(f"(models and audio kept in {work})")
+    return ran, failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,6 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import busy_machine_note, positive
 from modules.mamba import selective_scan_ref, selective_scan_torch
 
 try:
@@ -226,10 +227,8 @@ def environment(threads):
         + (f"env {malloc}" if malloc else "default settings (no MALLOC_* env)"),
         f"load average at start: {os.getloadavg()[0]:.2f}",
     ]
-    if os.getloadavg()[0] + threads > (os.cpu_count() or 1):
-        lines.append("warning: the cores are oversubscribed; timings are noisy, and with more than "
-                     "one thread every small op waits for descheduled threads (use --threads 1)")
-    return "\n".join(lines)
+    note = busy_machine_note(threads)
+    return "\n".join(lines + ([note] if note else []))
 
 
 REFS = ("ref-unbind", "ref-mamba_ssm")
@@ -246,19 +245,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only the target rows " + str(TARGET_ROWS))
-    p.add_argument("--d-inner", type=int, nargs="+", default=[288, 1024])
-    p.add_argument("--d-state", type=int, nargs="+", default=[8, 16, 32])
-    p.add_argument("--lengths", type=int, nargs="+", default=[250, 750, 3000])
+    p.add_argument("--d-inner", type=positive(int), nargs="+", default=[288, 1024])
+    p.add_argument("--d-state", type=positive(int), nargs="+", default=[8, 16, 32])
+    p.add_argument("--lengths", type=positive(int), nargs="+", default=[250, 750, 3000])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive(int), default=5)
     p.add_argument("--slow-budget", type=float, default=2.0,
                    help="time an implementation once where one run takes longer (seconds)")
     p.add_argument("--max-ref-s", type=float, default=100.0,
                    help="skip ref-mamba_ssm fwd+bwd rows estimated to take longer (seconds)")
     p.add_argument("--mambapy-max-gb", type=float, default=6.0)
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=positive(int), default=torch.get_num_threads())
     p.add_argument("--measure-memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks import busy_machine_note, positive
 from recipes.untrained import SAMPLE_RATE, export_untrained, speech_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,10 +134,11 @@ def _fmt_ms(value):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--quick", action="store_true", help="20 s per piece size, 10 min memory run")
-    p.add_argument("--seconds", type=float, default=None, help="audio per piece size (60)")
-    p.add_argument("--memory-seconds", type=float, default=None,
+    p.add_argument("--seconds", type=positive(float), default=None,
+                   help="audio per piece size (60)")
+    p.add_argument("--memory-seconds", type=positive(float), default=None,
                    help="length of the memory run's stream (3600)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -150,9 +152,10 @@ def main(argv=None):
         return None
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     memory_seconds = args.memory_seconds or (600.0 if args.quick else 3600.0)
-    if seconds <= 0 or memory_seconds <= 0:
-        p.error("--seconds and --memory-seconds must be positive")
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    note = busy_machine_note(args.threads)
+    if note:
+        print(note, flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
