@@ -46,8 +46,17 @@ PLAIN_TAGS = frozenset({"!ref", "!copy", "!tuple"})
 PRETRAINER_KEYS = frozenset({"loadables"})
 
 
-class UnsafeModelFolder(RecipeError):
+class TranscriberError(RecipeError):
+    """A model folder or an option that cannot be used; the message says which and why (audio
+    problems are recipes.audio.AudioError). Also importable from inference.transcriber."""
+
+
+class UnsafeModelFolder(TranscriberError):
     """A model folder whose hyperparams.yaml asks for something this project never writes."""
+
+
+REEXPORT = ("re-export the model (train_CTC.py / train_S2S.py --test_only) or download the "
+            "folder again")
 
 
 def _walk(node, path):
@@ -62,13 +71,18 @@ def _walk(node, path):
 
 def check_hyperparams(path):
     """Raises UnsafeModelFolder naming the key and the tag when ``path`` (a hyperparams.yaml)
-    uses a tag or a callable outside the allowlist; builds nothing, imports nothing."""
-    with open(path) as f:
-        text = f.read()
+    uses a tag or a callable outside the allowlist, TranscriberError when it is damaged (not
+    YAML, empty, not a mapping); builds nothing, imports nothing."""
     try:
-        root = ruamel.yaml.YAML().compose(text)
-    except ruamel.yaml.YAMLError as e:
-        raise UnsafeModelFolder(f"{path} is not valid YAML: {e}") from e
+        with open(path, encoding="utf-8") as f:
+            root = ruamel.yaml.YAML().compose(f.read())
+    except (ruamel.yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TranscriberError(f"{path} is damaged: it is not valid YAML ({e}); {REEXPORT}") \
+            from e
+    if not isinstance(root, ruamel.yaml.MappingNode):
+        what = "empty" if root is None else "not a mapping of keys"
+        raise TranscriberError(f"{path} is damaged: it is {what}, not an exported model's "
+                               f"hyperparams; {REEXPORT}")
     for node, key in _walk(root, ""):
         tag = node.tag.value if hasattr(node.tag, "value") else str(node.tag)
         if tag is None or tag.startswith("tag:yaml.org,2002:") and "python" not in tag:

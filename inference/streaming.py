@@ -3,21 +3,23 @@ demo_streaming.yaml): audio goes in as pieces of any size, partial text comes ou
 
     from inference.streaming import StreamingTranscriber
     asr = StreamingTranscriber.from_folder("demo_streaming_results/inference")
-    for piece in pieces:                  # float (samples,) at asr.sample_rate, any length
+    for piece in pieces:                  # (samples,) at asr.sample_rate, any length
         print(asr.push(piece))            # text so far
     print(asr.finish())                   # final text; then ready for a new stream
 
 The model state (features, CNN, every layer's Mamba and conv state: ``modules.streaming``) and
 the greedy CTC state (the previous frame's best token) are carried between pieces and have a
-fixed size. The text equals greedy CTC decoding of the whole file with the same model.
+fixed size. The text equals greedy CTC decoding of the whole file with the same model (a stream
+shorter than the model's minimum is zero-padded to it at its end, as whole files are).
 """
 
+import math
 import time
 
 import torch
 
 from inference.transcriber import Transcriber, TranscriberError
-from recipes.audio import load_audio
+from recipes.audio import AudioError, downmix, load_audio, to_float
 from modules.streaming import StreamingEncoder, StreamingError
 
 
@@ -30,11 +32,15 @@ class StreamingTranscriber:
     tokenizer : SentencePieceProcessor of the model.
     blank_index : CTC blank id.
     sample_rate : rate of the audio pushed.
+    min_samples : a shorter stream is zero-padded to it when it finishes (Transcriber.min_samples:
+        what whole files are padded to).
     """
 
-    def __init__(self, encoder: StreamingEncoder, tokenizer, blank_index=0, sample_rate=16000):
+    def __init__(self, encoder: StreamingEncoder, tokenizer, blank_index=0, sample_rate=16000,
+                 min_samples=0):
         self.encoder, self.tokenizer = encoder, tokenizer
         self.blank_index, self.sample_rate = blank_index, int(sample_rate)
+        self.min_samples = min_samples
         vocab = tokenizer.vocab_size()
         # what each token adds to the text (SentencePiece: "▁" starts a word; control tokens
         # such as <s> add nothing, as in decode_ids)
@@ -59,7 +65,7 @@ class StreamingTranscriber:
         except StreamingError as e:
             raise TranscriberError(f"{model_dir} cannot stream: {e}") from e
         asr = cls(encoder, base.asr.tokenizer, base.asr.hparams.blank_index,
-                  base.asr.hparams.sample_rate)
+                  base.asr.hparams.sample_rate, base.min_samples)
         asr.push(torch.zeros(asr.sample_rate // 2))  # warm-up: one-time allocations, not in
         asr.reset()  # the first live piece's latency
         return asr
@@ -73,13 +79,17 @@ class StreamingTranscriber:
         self.frames = 0
 
     def push(self, audio):
-        """audio: (samples,) float at ``sample_rate`` (numpy or tensor, any length) -> text so
-        far."""
-        self._decode(self.encoder.push(self.state, audio))
+        """audio: (samples,) at ``sample_rate`` (numpy or tensor, any length; float, or integer
+        PCM scaled as recipes.audio.to_float does), or 2-D with channels (the smaller dimension,
+        averaged) -> text so far."""
+        self._decode(self.encoder.push(self.state, downmix(to_float(audio))))
         return self.text
 
     def finish(self):
         """Ends the stream: decodes its last frames, returns the final text and resets."""
+        short = self.min_samples - self.state.received
+        if 0 < short < self.min_samples:  # as a whole file this short is padded
+            self._decode(self.encoder.push(self.state, torch.zeros(short)))
         self._decode(self.encoder.finish(self.state))
         text = self.text
         self.reset()
@@ -111,7 +121,7 @@ class StreamingTranscriber:
         if piece_samples < 1:
             raise TranscriberError(
                 f"The piece size must be at least one sample, got {piece_samples}")
-        wav = torch.as_tensor(wav, dtype=torch.float32)
+        wav = downmix(to_float(wav))
         for start in range(0, len(wav), piece_samples):
             t0 = time.perf_counter()
             text = self.push(wav[start: start + piece_samples])
@@ -128,18 +138,31 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def stream_files(asr, paths, piece_seconds, text_only=False, out=None, err=None):
+def stream_files(asr, paths, piece_seconds, text_only=False, out=None, err=None,
+                 on_error=None):
     """``transcribe.py --stream``: each file streamed as if live, in pieces of piece_seconds.
 
     Prints a line whenever the text changes, ``[audio s | compute ms] TEXT``, then
     ``PATH<TAB>FINAL TEXT`` (--text-only: the final text only); compute statistics go to err.
+    on_error : None (a file that cannot be read raises AudioError) or on_error(path, error),
+        called for such a file before going on with the next (--text-only: an empty line).
     """
     import sys
 
+    if not 0 < piece_seconds < math.inf:
+        raise TranscriberError(f"The piece length must be > 0 and finite, got {piece_seconds} s")
     out, err = out or sys.stdout, err or sys.stderr
     piece = max(1, round(piece_seconds * asr.sample_rate))
     for path in paths:
-        wav = load_audio(path, asr.sample_rate)
+        try:
+            wav = load_audio(path, asr.sample_rate)
+        except AudioError as e:
+            if on_error is None:
+                raise
+            on_error(path, e)
+            if text_only:
+                print("", file=out, flush=True)
+            continue
         shown, compute = "", []
         for pushed, text, seconds, final in asr.transcribe_pieces(wav, piece):
             compute.append(seconds)

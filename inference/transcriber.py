@@ -10,8 +10,9 @@ beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the
 A CTC folder with an n-gram LM (`python -m tools.make_word_lm`) is decoded with it instead
 (inference.word_lm: lexicon-free beam search with a token LM, or lexicon-constrained with a word
 LM).
-Any sample rate is resampled to the model's and channels are averaged. Audio longer than
-chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
+Any sample rate is resampled to the model's and channels are averaged; audio shorter than the
+front end's window (min_samples: 60 ms for the recipes' CNN) is zero-padded to it. Audio longer
+than chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
 batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
 The default chunk length depends on the model (default_chunk_seconds): CTC models with a Mamba
 encoder, linear in time and memory, take minutes in one piece; attention encoders, quadratic in
@@ -24,10 +25,11 @@ import math
 import os
 
 import torch
+from torch.nn import functional as F
 
+from inference.model_folder import REEXPORT, TranscriberError, check_hyperparams
 from modules.mamba.scan import anticipate_cpu_scans
-from recipes import RecipeError
-from recipes.audio import AudioError, check_audio, load_audio, to_mono
+from recipes.audio import AudioError, check_audio, load_audio, to_float, to_mono
 from recipes.export import exported_kind
 
 
@@ -35,11 +37,6 @@ ATTENTION_CHUNK_SECONDS = 30.0
 MAMBA_CHUNK_SECONDS = 300.0
 MAMBA_ENCODERS = ("conmamba", "mamba")
 ENCODER_FRAMES_PER_SECOND = 25  # 10 ms feature hop, then the CNN front end's 4x subsampling
-
-
-class TranscriberError(RecipeError):
-    """A model folder or an option that cannot be used; the message says which and why (audio
-    problems are recipes.audio.AudioError)."""
 
 
 def default_chunk_seconds(encoder_module, kind):
@@ -65,7 +62,53 @@ def model_kind(model_dir):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise TranscriberError(f"{os.path.join(model_dir, name)} is missing; re-export the "
                                    "model (train_CTC.py / train_S2S.py --test_only)")
+    stat = os.stat(hparams_file)
+    return _kind(os.path.abspath(model_dir), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(model_dir, mtime_ns, size):
+    """model_kind of a folder whose hyperparams.yaml has this modification time and size: read
+    once per version of the file (so an old folder's warning is logged once)."""
+    check_hyperparams(os.path.join(model_dir, "hyperparams.yaml"))  # damaged: a clear error
     return exported_kind(model_dir)
+
+
+def damaged_file(model_dir):
+    """(path, what it should be) of the folder's first checkpoint that does not load (tensors
+    only, as from_folder loads them), or None when they all do."""
+    import sentencepiece as spm
+
+    for name in ("model.ckpt", "normalizer.ckpt", "lm.ckpt", "tokenizer.ckpt"):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name == "tokenizer.ckpt":
+                spm.SentencePieceProcessor(model_file=path)
+            else:
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # any decoding error (UnpicklingError, RuntimeError, OSError...)
+            return path, ("a SentencePiece model" if name == "tokenizer.ckpt" else
+                          "a PyTorch checkpoint of tensors")
+    return None
+
+
+def min_samples(asr, kind):
+    """Fewest samples the model decodes (Transcriber zero-pads shorter audio to it): the CNN
+    front end needs its window of feature frames (fewer give no output with causal padding, an
+    error with "same" padding), and S2S beam search int(encoder frames * max_decode_ratio) >= 1
+    steps."""
+    front = asr.mods.encoder
+    frames = front.CNN.get_filter_properties().window_size
+    ratio = asr.mods.decoder.max_decode_ratio if kind == "S2S" else 1.0
+    if ratio > 0:
+        zeros = next(front.CNN.parameters()).new_zeros
+        n_mels = front.compute_features.compute_fbanks.n_mels
+        with torch.inference_mode():
+            while int(front.CNN(zeros(1, frames, n_mels)).shape[1] * ratio) < 1:
+                frames += 1
+    return (frames - 1) * front.compute_features.compute_STFT.hop_length  # 1 + N // hop frames
 
 
 def chunk_bounds(n_samples, chunk_samples, overlap_samples):
@@ -119,13 +162,17 @@ class Transcriber:
         if chunk_seconds is None:
             chunk_seconds = default_chunk_seconds(getattr(asr.hparams, "encoder_module", None),
                                                   kind)
-        if chunk_seconds <= 0 or not 0 <= overlap_seconds < chunk_seconds:
-            raise TranscriberError(f"Need chunk_seconds > 0 and 0 <= overlap_seconds < "
-                                   f"chunk_seconds, got {chunk_seconds} and {overlap_seconds}")
+        self.sample_rate = int(asr.hparams.sample_rate)
+        if not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds
+                and round(overlap_seconds * self.sample_rate)
+                < round(chunk_seconds * self.sample_rate)):
+            raise TranscriberError(f"Need 0 < chunk_seconds < inf and 0 <= overlap_seconds < "
+                                   f"chunk_seconds, at least one sample ({1 / self.sample_rate} "
+                                   f"s) apart, got {chunk_seconds} and {overlap_seconds}")
         if batch_size < 1:
             raise TranscriberError(f"batch_size must be >= 1, got {batch_size}")
         self.asr, self.kind = asr, kind
-        self.sample_rate = int(asr.hparams.sample_rate)
+        self.min_samples = min_samples(asr, kind)
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
         self.batch_size = batch_size
         self.word_lm = word_lm  # inference.word_lm.CTCLMDecoder for CTC models, or None
@@ -157,7 +204,7 @@ class Transcriber:
             overlap_seconds, batch_size (see the class).
         """
         from recipes.device import resolve_device
-        from inference.model_folder import check_hyperparams, weights_only_loads
+        from inference.model_folder import weights_only_loads
         from inference.word_lm import CTCLMDecoder, has_word_lm
         from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
@@ -176,14 +223,23 @@ class Transcriber:
         if use_lm and not has_lm:
             raise TranscriberError(f"No LM in {model_dir}: it lacks {missing}; decode without "
                                    "it (use_lm=None or False, transcribe.py --no-lm)")
+        if lm_weight is not None or word_score is not None:
+            _check_lm_options(model_dir, kind, has_lm, use_lm, lm_weight, word_score)
         if beam_size is not None and beam_size < 1:
             raise TranscriberError(f"beam_size must be >= 1, got {beam_size}")
         device = resolve_device(device)
         interface = EncoderASR if kind == "CTC" else EncoderDecoderASR
         check_hyperparams(os.path.join(model_dir, "hyperparams.yaml"))  # data, not code
         with weights_only_loads():
-            asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
-                                         run_opts={"device": device})
+            try:
+                asr = interface.from_hparams(source=model_dir, savedir=savedir or model_dir,
+                                             run_opts={"device": device})
+            except Exception:  # a damaged file: say which (torch's advice is unsafe here)
+                damaged = damaged_file(model_dir)
+                if damaged is None:
+                    raise
+                raise TranscriberError(f"{damaged[0]} is damaged: it cannot be read as "
+                                       f"{damaged[1]}; {REEXPORT}") from None
         word_lm = None
         if kind == "CTC" and has_lm and use_lm is not False:
             word_lm = CTCLMDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
@@ -205,10 +261,14 @@ class Transcriber:
         before any decoding; files are then read and decoded in groups of about
         GROUP_SECONDS of audio, so memory does not grow with the number of files.
 
+        paths : a list of paths (a single path raises TypeError).
         on_error : None (a bad file raises AudioError before anything is decoded) or
             on_error(path, error), called for each file that cannot be read; its transcript
             is then None and the other files are transcribed.
         """
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise TypeError(f"transcribe_files takes a list of paths, got the single path "
+                            f"{paths!r}: pass [{paths!r}]")
         texts, chunks = [None] * len(paths), [[] for _ in paths]
         durations = {}
         for k, path in enumerate(paths):
@@ -247,11 +307,20 @@ class Transcriber:
                                      int(seconds * ENCODER_FRAMES_PER_SECOND * per_frame))
 
     def transcribe_waveform(self, wav, sample_rate):
-        """Transcript of one waveform: (samples,), or 2-D (channels = the smaller dimension)."""
+        """Transcript of one waveform: (samples,), or 2-D (channels = the smaller dimension);
+        float, or integer PCM (scaled to [-1, 1): recipes.audio.to_float)."""
         return self.transcribe_waveforms([to_mono(wav, sample_rate, self.sample_rate)])[0]
 
     def transcribe_waveforms(self, wavs):
-        """Transcripts of mono waveforms (samples,) already at the model's sample rate."""
+        """Transcripts of mono waveforms (samples,) already at the model's sample rate (float,
+        or integer PCM: see recipes.audio.to_float); audio shorter than min_samples is
+        zero-padded to it."""
+        wavs = [to_float(w) for w in wavs]
+        for i, w in enumerate(wavs):
+            if w.dim() != 1 or w.numel() == 0:
+                raise AudioError(f"Waveform {i} has shape {tuple(w.shape)}: transcribe_waveforms "
+                                 "takes mono waveforms (samples,) of at least one sample "
+                                 "(transcribe_waveform also downmixes and resamples)")
         chunk = int(round(self.chunk_seconds * self.sample_rate))
         overlap = int(round(self.overlap_seconds * self.sample_rate))
         self.last_chunks = [chunk_bounds(len(w), chunk, overlap) for w in wavs]
@@ -295,12 +364,14 @@ class Transcriber:
     def _decode(self, pieces):
         """Transcripts of a batch of mono waveforms.
 
-        The front end (features, normalisation, CNN) runs on each waveform alone and its
-        outputs are zero-padded: the encoders honour padding, so a CTC transcript does not depend
-        on the batch it is decoded in (S2S: max_decode_ratio caps every hypothesis at the
-        longest one's length). Then EncoderASR's decoding function / EncoderDecoderASR's searcher.
+        A waveform shorter than min_samples is first zero-padded to it. The front end (features,
+        normalisation, CNN) runs on each waveform alone and its outputs are zero-padded: the
+        encoders honour padding, so a CTC transcript does not depend on the batch it is decoded
+        in (S2S: max_decode_ratio caps every hypothesis at the longest one's length). Then
+        EncoderASR's decoding function / EncoderDecoderASR's searcher.
         """
         asr, front = self.asr, self.asr.mods.encoder
+        pieces = [F.pad(p, (0, max(0, self.min_samples - len(p)))) for p in pieces]
         one = torch.ones(1, device=asr.device)
         feats = [front.CNN(front.normalize(front.compute_features(p[None].to(asr.device)), one))
                  for p in pieces]  # (1, T_i, 640)
@@ -323,6 +394,24 @@ class Transcriber:
 
 def _length(bounds):
     return bounds[1] - bounds[0]
+
+
+def _check_lm_options(model_dir, kind, has_lm, use_lm, lm_weight, word_score):
+    """TranscriberError unless lm_weight / word_score (those not None) are finite and weigh an
+    LM that decoding uses: a CTC folder's n-gram LM, not disabled."""
+    for name, value in (("lm_weight", lm_weight), ("word_score", word_score)):
+        if value is not None and not math.isfinite(value):
+            raise TranscriberError(f"{name} must be a finite number, got {value}")
+    given = "lm_weight / word_score (transcribe.py --lm-weight / --word-score)"
+    if kind != "CTC":
+        raise TranscriberError(f"{model_dir} holds an S2S model: {given} are for the n-gram LM "
+                               "of a CTC model (tools.make_word_lm)")
+    if not has_lm:
+        raise TranscriberError(f"{model_dir} has no CTC LM for {given} to weigh; make one with "
+                               "`python -m tools.make_word_lm` MODEL_DIR TEXT, or drop them")
+    if use_lm is False:
+        raise TranscriberError(f"{given} weigh the LM, which use_lm=False (--no-lm) leaves out; "
+                               "drop one or the other")
 
 
 def _configure_ctc(asr, beam_size):

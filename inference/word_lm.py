@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 
+from inference.model_folder import TranscriberError
 from recipes import RecipeError
 
 LEXICON, ARPA, TOKEN_ARPA = "lexicon.txt", "word_lm.arpa", "token_lm.arpa"
@@ -38,8 +39,22 @@ def lm_settings(folder):
     """{"kind", "lm_weight", "word_score"} of the folder's CTC LM, or None when it has none."""
     path = os.path.join(folder, SETTINGS)
     if os.path.isfile(path):
-        with open(path) as f:
-            settings = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise TranscriberError(f"{path} is damaged ({e}); rebuild the LM with `python -m "
+                                   "tools.make_word_lm`, or delete the file to decode without "
+                                   "it") from e
+        if not isinstance(settings, dict):
+            raise TranscriberError(f"{path} is damaged (not a JSON object); rebuild the LM with "
+                                   "`python -m tools.make_word_lm`")
+        for key in DEFAULT_WEIGHTS:
+            value = settings.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise TranscriberError(f"{path}: {key} must be a finite number, got {value!r}; "
+                                       "rebuild the LM with `python -m tools.make_word_lm`")
         if settings.get("kind") not in LM_KINDS:
             raise RecipeError(f"{path}: kind must be one of {LM_KINDS}, got "
                               f"{settings.get('kind')!r}; rebuild it with "
@@ -166,10 +181,17 @@ def read_text(path, column="wrd"):
     (one sentence per line). Words are upper-cased, as the recipes' transcripts are."""
     if path.endswith(".csv"):
         return read_transcripts(path, column)
+    if os.path.isdir(path):
+        raise RecipeError(f"{path} is a directory; pass text files (one sentence per line) or "
+                          "CSV manifests")
     if not os.path.isfile(path):
         raise RecipeError(f"Text file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return [line.upper().split() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.upper().split() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text ({e}); pass text files (one sentence per "
+                          "line) or CSV manifests (.csv)") from e
 
 
 def build_word_lm(sentences, tokenizer, folder, order=3):
@@ -210,19 +232,26 @@ def add_ctc_lm(model_dir, sources, kind="token", order=None, exclude=(), column=
 
     sources: CSV manifests and/or text files (one sentence per line) whose sentences train the
     LM; exclude: CSVs/text files whose sentences are left out (the evaluation sets).
-    Returns {"kind", "sentences", "excluded", "words", "skipped"}.
+    Returns {"kind", "order", "sentences", "excluded", "words", "skipped"}.
     """
     import sentencepiece as spm
 
     if kind not in LM_KINDS:
         raise RecipeError(f"LM kind must be one of {LM_KINDS}, got {kind!r}")
-    order = order or DEFAULT_ORDER[kind]
+    order = DEFAULT_ORDER[kind] if order is None else order
+    if order < 1:
+        raise RecipeError(f"The n-gram order (--order) must be >= 1, got {order}")
+    for name, value in (("lm_weight", lm_weight), ("word_score", word_score)):
+        if value is not None and not math.isfinite(value):
+            raise RecipeError(f"{name} (--{name.replace('_', '-')}) must be a finite number, "
+                              f"got {value}")
     held_out = {tuple(s) for path in exclude for s in read_text(path, column)}
     sentences = [s for path in sources for s in read_text(path, column)]
     kept = [s for s in sentences if tuple(s) not in held_out]
     tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.ckpt"))
-    report = {"kind": kind, "sentences": len(kept), "excluded": len(sentences) - len(kept),
-              "words": len({w for s in kept for w in s}), "skipped": 0}
+    report = {"kind": kind, "order": order, "sentences": len(kept),
+              "excluded": len(sentences) - len(kept), "words": len({w for s in kept for w in s}),
+              "skipped": 0}
     if kind == "token":
         build_token_lm(kept, tokenizer, model_dir, order)
     else:

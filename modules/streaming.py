@@ -218,7 +218,16 @@ class StreamingEncoder:
         """samples: (N,) float audio at the model's rate, N >= 0 -> (1, n, vocab)."""
         if state.finished:
             raise StreamingError("This stream is finished: start a new one (new_state / reset)")
-        samples = torch.as_tensor(samples, dtype=torch.float32, device=self.device).reshape(-1)
+        samples = torch.as_tensor(samples, device=self.device)
+        if not samples.is_floating_point():
+            raise StreamingError(f"Push float audio in [-1, 1], got {samples.dtype} samples: scale "
+                                 "integer PCM first (int16 / 32768), as "
+                                 "inference.streaming.StreamingTranscriber.push does")
+        if samples.dim() > 1 and samples.numel() not in (0, max(samples.shape)):
+            raise StreamingError(f"Push mono audio (samples,), got shape {tuple(samples.shape)}: "
+                                 "average the channels first, as "
+                                 "inference.streaming.StreamingTranscriber.push does")
+        samples = samples.float().reshape(-1)
         state.samples = torch.cat([state.samples, samples])
         state.received += samples.numel()
         # frame t is complete once its window's last sample, t * hop + window_end - 1, arrived

@@ -35,6 +35,9 @@ def check_audio(path, utt_id=None):
 
     Returns its duration in seconds; raises AudioError naming the file otherwise.
     """
+    if os.path.isdir(path):
+        raise AudioError(f"Audio file {_where(path, utt_id)} is a directory, not a file; pass the "
+                         "audio files in it (e.g. DIR/*.wav)")
     if not os.path.isfile(path):
         raise AudioError(f"Audio file {_where(path, utt_id)} does not exist")
     try:
@@ -58,15 +61,42 @@ def read_audio(path, utt_id=None):
     return torch.from_numpy(audio), sample_rate
 
 
-def to_mono(wav, sample_rate, target_rate):
-    """(samples,) or 2-D audio (channels = the smaller dimension) -> mono float32 (samples,) at
-    target_rate."""
-    wav = torch.as_tensor(wav, dtype=torch.float32)
+# integer PCM -> float in [-1, 1): (x - offset) / scale
+PCM_SCALES = {torch.uint8: (128, 2 ** 7), torch.int8: (0, 2 ** 7), torch.int16: (0, 2 ** 15),
+              torch.int32: (0, 2 ** 31)}
+
+
+def to_float(wav):
+    """A waveform (tensor, numpy array, list) as float32 of the same shape: integer PCM scaled to
+    [-1, 1) (int16 / 2^15, int32 / 2^31, int8 / 2^7, uint8 (x - 128) / 2^7), floats as they are.
+    AudioError for other types (int64, bool...), whose full scale is unknown."""
+    wav = torch.as_tensor(wav)
+    if wav.dtype in PCM_SCALES:
+        offset, scale = PCM_SCALES[wav.dtype]
+        return (wav.float() - offset) / scale
+    if not wav.is_floating_point():
+        raise AudioError(f"Audio samples of type {wav.dtype} have no known full scale; pass float "
+                         "samples in [-1, 1] or int8 / int16 / int32 / uint8 PCM (e.g. "
+                         "x.astype('int16') for 16-bit samples held in a wider type)")
+    return wav.float()
+
+
+def downmix(wav):
+    """(samples,) or 2-D float audio (channels = the smaller dimension) -> (samples,)."""
+    if wav.numel() == 0:
+        return wav.reshape(0)
     if wav.dim() == 2:
-        wav = wav.mean(dim=1 if wav.shape[1] <= wav.shape[0] else 0)
-    elif wav.dim() != 1:
+        return wav.mean(dim=1 if wav.shape[1] <= wav.shape[0] else 0)
+    if wav.dim() != 1:
         raise AudioError(f"Expected audio of shape (samples,) or (samples, channels), "
                          f"got {tuple(wav.shape)}")
+    return wav
+
+
+def to_mono(wav, sample_rate, target_rate):
+    """(samples,) or 2-D audio (channels = the smaller dimension), float or integer PCM (see
+    to_float) -> mono float32 (samples,) at target_rate."""
+    wav = downmix(to_float(wav))
     if wav.numel() == 0:
         raise AudioError("Empty waveform (0 samples)")
     if sample_rate != target_rate:

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
+import transcribe
 from inference.model_folder import UnsafeModelFolder, check_hyperparams, weights_only_loads
-from inference.transcriber import Transcriber
+from inference.transcriber import Transcriber, TranscriberError
+from recipes import user_message
 from recipes.untrained import export_untrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +146,40 @@ def test_batch_with_a_corrupt_file_transcribes_the_others(ctc_dir, tmp_path):
     assert texts[0] == asr.transcribe_files([good[0]])[0]
     assert texts[2] == asr.transcribe_files([good[1]])[0]
 
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("hyperparams.yaml", b"sample_rate: [16000\nmodel: {"), ("hyperparams.yaml", b""),
+    ("model.ckpt", 3000), ("model.ckpt", b"not a zip: a pickle? " * 50), ("normalizer.ckpt", 100),
+    ("tokenizer.ckpt", 100)])
+def test_damaged_folder_files_are_named(name, damage, ctc_dir, tmp_path, capsys):
+    """A truncated or unparsable file: an error naming it and saying to re-export or download
+    the folder again (never torch's advice to load it with weights_only=False)."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(ctc_dir, folder)
+    path = folder / name
+    path.write_bytes(damage if isinstance(damage, bytes) else path.read_bytes()[:damage])
+    with pytest.raises(TranscriberError, match="is damaged") as e:
+        Transcriber.from_folder(str(folder), device="cpu")
+    message = str(e.value)
+    assert str(path) in message and "re-export the model" in message
+    assert "download the folder again" in message and "weights_only" not in message
+    wav = os.path.join(CORPUS, "audio", "test", sorted(os.listdir(
+        os.path.join(CORPUS, "audio", "test")))[0])
+    assert transcribe.run([str(folder), wav, "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"ERROR: {user_message(e.value)}\n"
+
+
+def test_old_folder_warns_once_per_run(ctc_dir, tmp_path, caplog, capsys):
+    folder = tmp_path / "old"
+    shutil.copytree(ctc_dir, folder)
+    path = folder / "hyperparams.yaml"
+    path.write_text("".join(line for line in open(path, encoding="utf-8").readlines()
+                            if not line.startswith("model_kind:")))
+    wav = os.path.join(CORPUS, "audio", "test", sorted(os.listdir(
+        os.path.join(CORPUS, "audio", "test")))[0])
+    with caplog.at_level("WARNING"):
+        assert transcribe.run([str(folder), wav, "--device", "cpu"]) == 0
+    warnings = [r for r in caplog.records if "predates the recorded model_kind" in r.message]
+    assert len(warnings) == 1 and capsys.readouterr().out.startswith(wav)

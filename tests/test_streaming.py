@@ -213,3 +213,64 @@ def test_streaming_benchmark_worker_short_memory_run(streaming_dir):
     assert table[2].startswith("| tiny |") and f"| {state_kib:.0f} KiB |" in table[2]
     assert set(result["pieces"]) == set(bench_streaming.PIECES_MS)
     assert all(row["p50_ms"] <= row["p95_ms"] for row in result["pieces"].values())
+
+
+@pytest.mark.parametrize("samples", [1, 100, 500, 959])
+def test_short_stream_is_padded_like_the_whole_file(streaming_dir, samples):
+    """Audio shorter than the CNN's window: the whole file is zero-padded to min_samples, and
+    so is a stream that ends that short; the texts agree (they did for longer audio)."""
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    whole = Transcriber.from_folder(streaming_dir, device="cpu")
+    assert asr.min_samples == whole.min_samples == 960
+    wav = torch.from_numpy(speech_like(1.0))[SR // 4: SR // 4 + samples]
+    streamed = [text for _, text, _, _ in asr.transcribe_pieces(wav, 160)]
+    assert streamed[-1] == whole.transcribe_waveform(wav, SR)
+    padded = torch.nn.functional.pad(wav, (0, 960 - samples))
+    assert streamed[-1] == [text for _, text, _, _ in asr.transcribe_pieces(padded, 160)][-1]
+
+
+def test_integer_and_stereo_pieces(streaming_dir):
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    x = torch.round(torch.from_numpy(speech_like(2.0)) * 32767) / 32768  # on the 16-bit grid
+    pcm16 = (x * 32768).numpy().astype("int16")
+
+    def stream(pieces):
+        for piece in pieces:
+            asr.push(piece)
+        return asr.finish()
+
+    expected = stream([x[:SR], x[SR:]])
+    assert expected
+    assert stream([pcm16[:SR], pcm16[SR:]]) == expected
+    stereo = torch.stack([x, x], 1)  # (samples, channels), as soundfile and sounddevice give
+    assert stream([stereo[:SR].numpy(), stereo[SR:].numpy()]) == expected
+    assert stream([stereo[:SR].t(), stereo[SR:].t()]) == expected  # (channels, samples)
+    assert stream([stereo[:SR], stereo[SR:SR], stereo[SR:]]) == expected  # with an empty piece
+    state = asr.encoder.new_state()
+    with pytest.raises(StreamingError, match="got torch.int16 samples: scale integer PCM"):
+        asr.encoder.push(state, torch.from_numpy(pcm16))
+    with pytest.raises(StreamingError, match=r"Push mono audio \(samples,\), got shape \(16000, 2"):
+        asr.encoder.push(state, stereo[:SR])
+
+
+def test_cli_stream_goes_on_after_a_file_that_does_not_decode(streaming_dir, speech_file,
+                                                              tmp_path, capsys):
+    from test_transcribe import _undecodable_flac
+
+    bad = _undecodable_flac(tmp_path / "bad.flac")
+    missing = str(tmp_path / "gone.wav")
+    offline = Transcriber.from_folder(streaming_dir, device="cpu").transcribe_files([speech_file])
+    files = [bad, speech_file, missing, speech_file]
+    assert transcribe.run([streaming_dir, *files, "--stream", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    finals = [line for line in out.splitlines() if not line.startswith("[")]
+    assert finals == [f"{speech_file}\t{offline[0]}"] * 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 2 and missing in errors[0] and bad in errors[1]
+    assert transcribe.run([streaming_dir, *files, "--stream", "--text-only"]) == 1
+    assert capsys.readouterr().out.split("\n") == ["", offline[0], "", offline[0], ""]
+    assert transcribe.run([streaming_dir, bad, speech_file, "--stream", "--fail-fast"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"ERROR: Cannot read audio {bad}")
+    with pytest.raises(TranscriberError, match="piece length must be > 0 and finite"):
+        stream_files(None, [speech_file], math.inf)

@@ -9,6 +9,7 @@ is checked on the waveform.
 
 import csv
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import transcribe
 from inference.transcriber import (ATTENTION_CHUNK_SECONDS, ENCODER_FRAMES_PER_SECOND,
                                    MAMBA_CHUNK_SECONDS, Transcriber, TranscriberError,
                                    chunk_bounds, default_chunk_seconds, merge_words)
-from recipes.audio import load_audio
+from recipes.audio import AudioError, check_audio, load_audio, to_float
 from recipes.manifest import read_rows
 from recipes.untrained import export_untrained
 
@@ -351,3 +352,136 @@ def test_cli_errors(case, ctc_dir, audio_files, tmp_path, capsys):
     err = captured.err.strip().splitlines()
     assert captured.out == "" and len(err) == 1 and err[0].startswith("ERROR:")
     assert all(word in err[0] for word in expected), err[0]
+
+
+# --- short audio, integer PCM, option and input errors -----------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_demo")
+    return export_untrained(os.path.join(REPO, "hparams/CTC/demo.yaml"), "CTC", str(folder),
+                            overrides={"d_model": 32, "nhead": 2, "num_encoder_layers": 2,
+                                       "d_ffn": 64, "d_state": 4}, n_sentences=2000)
+
+
+@pytest.mark.parametrize("model", ["ctc", "demo", "s2s"])
+def test_short_audio_is_zero_padded_to_the_models_minimum(model, request, ctc, audio_files):
+    """Audio shorter than the CNN's window (S2S: than one decoding step) is decoded as if
+    zero-padded to min_samples, alone, in a batch, and as the chunks of --chunk-seconds 0.01."""
+    asr = ctc if model == "ctc" else Transcriber.from_folder(
+        request.getfixturevalue(f"{model}_dir"), device="cpu", beam_size=2)
+    assert asr.min_samples == 960  # 7 feature frames of 10 ms: the CNN's window
+    x = ctc.load_audio(audio_files[0])[SR // 2:]
+    for n in (1, 100, 319, 330, 700, asr.min_samples - 1):
+        padded = torch.nn.functional.pad(x[:n], (0, asr.min_samples - n))
+        assert asr.transcribe_waveform(x[:n].numpy(), SR) == \
+            asr.transcribe_waveform(padded, SR), n
+    if model != "s2s":  # (batched S2S hypotheses depend on the batch's longest)
+        assert asr.transcribe_waveforms([x[:100], x[: 2 * SR], x[:500]]) == \
+            [asr.transcribe_waveform(w, SR) for w in (x[:100], x[: 2 * SR], x[:500])]
+    with pytest.raises(AudioError, match="0 samples"):
+        asr.transcribe_waveform(torch.zeros(0), SR)
+    with pytest.raises(AudioError, match=r"Waveform 1 has shape \(0,\)"):
+        asr.transcribe_waveforms([x[:100], torch.zeros(0)])
+
+
+def test_cli_short_files_and_tiny_chunks(ctc, ctc_dir, audio_files, tmp_path, capsys):
+    x = ctc.load_audio(audio_files[0])[SR // 2:]
+    files = [_write(tmp_path / "short.wav", x[:100], SR),
+             _write(tmp_path / "mid.wav", x[: SR // 5], SR)]
+    assert transcribe.run([ctc_dir, *files, "--chunk-seconds", "0.01", "--overlap-seconds", "0",
+                           "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == files
+    assert lines[0].split("\t")[1] == ctc.transcribe_waveform(x[:100], SR)
+    tiny = Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=0.01, overlap_seconds=0)
+    assert lines[1].split("\t")[1] == tiny.transcribe_waveform(x[:SR // 5], SR)
+    assert len(tiny.last_chunks[0]) == 20
+    for chunk, overlap in (("inf", "0"), ("nan", "0"), ("1e-6", "0"), ("2", "nan"), ("2", "inf")):
+        assert transcribe.run([ctc_dir, files[0], "--chunk-seconds", chunk, "--overlap-seconds",
+                               overlap, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ERROR: Need 0 < chunk_seconds < inf") and err.count("\n") == 1
+
+
+def test_integer_pcm_is_scaled_to_float(ctc, audio_files):
+    x = torch.round(ctc.load_audio(audio_files[0]) * 32767) / 32768  # on the 16-bit grid
+    pcm16 = (x * 32768).numpy().astype("int16")
+    assert ctc.transcribe_waveform(pcm16, SR) == ctc.transcribe_waveform(x, SR)
+    assert ctc.transcribe_waveforms([torch.from_numpy(pcm16)]) == ctc.transcribe_waveforms([x])
+    assert torch.equal(to_float(pcm16.astype("int32") * 65536), x)
+    assert to_float(torch.tensor([0, 128, 255], dtype=torch.uint8)).tolist() == \
+        [-1.0, 0.0, 127 / 128]
+    assert to_float(torch.tensor([-128, 64], dtype=torch.int8)).tolist() == [-1.0, 0.5]
+    with pytest.raises(AudioError, match="int64 have no known full scale"):
+        ctc.transcribe_waveform(torch.from_numpy(pcm16).long(), SR)
+
+
+def test_directory_and_single_path_errors(ctc, audio_files, tmp_path):
+    with pytest.raises(AudioError, match="is a directory"):
+        check_audio(str(tmp_path))
+    with pytest.raises(TypeError, match=r"list of paths.*pass \["):
+        ctc.transcribe_files(audio_files[0])
+
+
+def test_cli_options_before_between_and_after_files():
+    args = transcribe.parse_args(["M", "--no-lm", "a.wav", "--beam-size", "3", "b.wav", "c.wav",
+                                  "--text-only"])
+    assert args.audio == ["a.wav", "b.wav", "c.wav"] and args.no_lm and args.beam_size == 3
+    assert args.text_only and args.model_dir == "M"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stream", "--piece-ms", "nan"], "--piece-ms must be a positive number"),
+    (["--stream", "--piece-ms", "inf"], "--piece-ms must be a positive number"),
+    (["--stream", "--beam-size", "4", "--no-lm"], "--beam-size, --no-lm: not for --stream"),
+    (["--stream", "--chunk-seconds", "10"], "--chunk-seconds: not for --stream"),
+    (["--mic", "--overlap-seconds", "1"], "--overlap-seconds: not for --stream / --mic"),
+    (["--mic-seconds", "3"], "--mic-seconds must be a positive number of seconds, with --mic"),
+])
+def test_cli_refuses_options_it_would_ignore(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        transcribe.parse_args(["M", "a.wav", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lm_options_without_an_lm_are_refused(ctc_dir, s2s_dir):
+    with pytest.raises(TranscriberError, match="has no CTC LM for lm_weight / word_score"):
+        Transcriber.from_folder(ctc_dir, device="cpu", lm_weight=1.0)
+    with pytest.raises(TranscriberError, match="has no CTC LM"):
+        Transcriber.from_folder(ctc_dir, device="cpu", word_score=0.5)
+    with pytest.raises(TranscriberError, match="holds an S2S model: lm_weight"):
+        Transcriber.from_folder(s2s_dir, device="cpu", lm_weight=1.0)
+    for value in (math.nan, math.inf):
+        with pytest.raises(TranscriberError, match="lm_weight must be a finite number"):
+            Transcriber.from_folder(ctc_dir, device="cpu", lm_weight=value)
+
+
+def _undecodable_flac(path):
+    """A FLAC whose header reads but whose audio does not decode (skips the test where
+    libsndfile decodes it anyway)."""
+    soundfile.write(str(path), torch.randn(2 * SR).mul(0.1).numpy(), SR)
+    data = bytearray(path.read_bytes())
+    data[200:] = bytes((b * 7 + 13) % 256 for b in data[200:])
+    path.write_bytes(bytes(data))
+    check_audio(str(path))
+    try:
+        soundfile.read(str(path))
+    except Exception:
+        return str(path)
+    pytest.skip("this libsndfile decodes the damaged FLAC")
+
+
+def test_cli_text_only_prints_an_empty_line_for_a_failed_file(ctc, ctc_dir, audio_files,
+                                                             tmp_path, capsys):
+    bad = _undecodable_flac(tmp_path / "bad.flac")
+    missing = str(tmp_path / "gone.wav")
+    files = [audio_files[0], bad, missing, audio_files[1]]
+    assert transcribe.run([ctc_dir, *files, "--text-only", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    expected = ctc.transcribe_files([audio_files[0], audio_files[1]])
+    assert out.split("\n") == [expected[0], "", "", expected[1], ""]
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and bad in errors[1] and missing in errors[0]
+    assert transcribe.run([ctc_dir, missing, missing, "--text-only"]) == 1
+    assert capsys.readouterr().out == "\n\n"

@@ -4,6 +4,7 @@ use by the Transcriber and transcribe.py."""
 import collections
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -266,3 +267,67 @@ def test_make_word_lm_refuses_s2s_and_bad_csv(tmp_path):
     (folder / "hyperparams.yaml").write_text("x: 1\ndecoder: 2\n")
     with pytest.raises(RecipeError, match="S2S model"):
         main([str(folder), TRAIN_CSV])
+
+
+def test_damaged_lm_settings_are_named(tmp_path):
+    from inference.transcriber import TranscriberError
+    from inference.word_lm import SETTINGS, TOKEN_ARPA, lm_settings
+
+    (tmp_path / TOKEN_ARPA).write_text("")
+    path = tmp_path / SETTINGS
+    for text, message in [('{"kind": "token", "lm_we', "is damaged"),
+                          ('["token"]', "is damaged"),
+                          ('{"kind": "token", "lm_weight": NaN}', "lm_weight must be a finite"),
+                          ('{"kind": "token", "word_score": "x"}', "word_score must be a finite")]:
+        path.write_text(text)
+        with pytest.raises(TranscriberError, match=message) as e:
+            lm_settings(str(tmp_path))
+        assert str(path) in str(e.value) and "tools.make_word_lm" in str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--order", "0"], "order (--order) must be >= 1, got 0"),
+    (["--order", "-2"], "order (--order) must be >= 1, got -2"),
+    (["--lm-weight", "nan"], "lm_weight (--lm-weight) must be a finite number, got nan"),
+    (["--word-score", "inf"], "word_score (--word-score) must be a finite number, got inf"),
+])
+def test_make_word_lm_refuses_bad_numbers(ctc_with_lm, tmp_path, args, message):
+    from inference.word_lm import SETTINGS, TOKEN_ARPA
+    from tools.make_word_lm import main
+
+    _, plain = ctc_with_lm
+    folder = str(tmp_path / "model")
+    shutil.copytree(plain, folder)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        main([folder, TRAIN_CSV, *args])
+    assert not os.path.exists(os.path.join(folder, SETTINGS))
+    assert not os.path.exists(os.path.join(folder, TOKEN_ARPA))
+
+
+def test_make_word_lm_order_and_text_errors(ctc_with_lm, tmp_path, capsys):
+    from tools.make_word_lm import main
+
+    _, plain = ctc_with_lm
+    folder = str(tmp_path / "model")
+    shutil.copytree(plain, folder)
+    binary = tmp_path / "audio.bin"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(RecipeError, match=f"{binary} is not UTF-8 text"):
+        main([folder, str(binary)])
+    with pytest.raises(RecipeError, match=f"{tmp_path} is a directory"):
+        main([folder, str(tmp_path)])
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat\nthe dog ran\n")
+    main([folder, str(text), "--order", "2"])
+    assert "token 2-gram LM" in capsys.readouterr().out
+    assert "\\3-grams:" not in open(os.path.join(folder, "token_lm.arpa")).read()
+
+
+def test_lm_options_need_the_lm(ctc_with_lm):
+    from inference.transcriber import Transcriber, TranscriberError
+
+    folder, _ = ctc_with_lm
+    with pytest.raises(TranscriberError, match="use_lm=False \\(--no-lm\\) leaves out"):
+        Transcriber.from_folder(folder, device="cpu", use_lm=False, lm_weight=1.0)
+    with pytest.raises(TranscriberError, match="word_score must be a finite number"):
+        Transcriber.from_folder(folder, device="cpu", word_score=math.inf)

@@ -43,9 +43,9 @@ def main(argv=None):
                           "(S2S models decode with their exported Transformer LM)")
     r = add_ctc_lm(args.model_dir, args.sources, args.kind, args.order, args.exclude,
                    args.column, args.lm_weight, args.word_score)
-    what = (f"token {args.order or 6}-gram LM" if r["kind"] == "token" else
+    what = (f"token {r['order']}-gram LM" if r["kind"] == "token" else
             f"lexicon of {r['words'] - r['skipped']} words ({r['skipped']} not spellable with "
-            f"the tokenizer left out) and word {args.order or 3}-gram LM")
+            f"the tokenizer left out) and word {r['order']}-gram LM")
     print(f"{args.model_dir}: {what} of {r['sentences']} sentences ({r['excluded']} excluded)")
 
 
