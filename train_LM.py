@@ -35,8 +35,14 @@ from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 from speechbrain.dataio.dataset import DynamicItemDataset  # noqa: E402
 
 from inference.word_lm import read_text  # noqa: E402
+from recipes import run_cli  # noqa: E402
+from recipes.brain import load_model_params  # noqa: E402
 from recipes.device import resolve_device  # noqa: E402
+from recipes.hparams import check_sizes, preview, route_overrides  # noqa: E402
+from recipes.run_settings import check_same_run, record_run  # noqa: E402
 from recipes.tokenizer import train_tokenizer  # noqa: E402
+
+TEXT_HINT = " (train_LM.py reads the wrd column of CSV manifests)"
 
 
 class LM(sb.core.Brain):
@@ -67,10 +73,17 @@ class LM(sb.core.Brain):
                                              num_to_keep=self.hparams.avg_checkpoints)
 
 
+def _paths(value):
+    """A list of paths from a YAML value: a list, or one path given without brackets."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def read_sentences(hparams):
     """The training text: sentences of hparams['text'] not in hparams['exclude'] (word lists)."""
-    held_out = {tuple(s) for path in hparams["exclude"] or [] for s in read_text(path)}
-    sentences = [s for path in hparams["text"] for s in read_text(path) if s]
+    held_out = {tuple(s) for path in _paths(hparams["exclude"])
+                for s in read_text(path, hint=TEXT_HINT)}
+    sentences = [s for path in _paths(hparams["text"]) for s in read_text(path, hint=TEXT_HINT)
+                 if s]
     kept = [s for s in sentences if tuple(s) not in held_out]
     if len(kept) < 10:
         raise RecipeError(f"Only {len(kept)} sentences left in {hparams['text']} after leaving "
@@ -83,7 +96,11 @@ def dataio_prepare(hparams, tokenizer, sentences):
     with tokens_bos / tokens_eos."""
     order = list(range(len(sentences)))
     random.Random(hparams["seed"]).shuffle(order)
-    n_valid = max(1, int(round(hparams["valid_fraction"] * len(order))))
+    fraction = hparams["valid_fraction"]
+    n_valid = max(1, int(round(fraction * len(order))))
+    if not 0 < fraction < 1 or n_valid >= len(order):
+        raise RecipeError(f"valid_fraction is {fraction} of {len(order)} sentences: give a "
+                          "fraction in (0, 1) that leaves sentences to train on (0.05 by default)")
     splits = {"valid": order[:n_valid], "train": order[n_valid:]}
     bos, eos = hparams["bos_index"], hparams["eos_index"]
 
@@ -111,8 +128,16 @@ def write_text_csv(sentences, path):
 
 
 def export_lm(hparams, brain, tokenizer_file):
-    """Writes lm.ckpt (best valid loss) and tokenizer.ckpt into output_folder; returns it."""
-    brain.checkpointer.recover_if_possible(min_key="loss")
+    """Writes lm.ckpt (the average of the avg_checkpoints checkpoints of lowest valid loss) and
+    tokenizer.ckpt into output_folder; returns it."""
+    from speechbrain.utils.checkpoints import average_checkpoints
+
+    ckpts = brain.checkpointer.find_checkpoints(
+        min_key="loss", max_num_checkpoints=hparams["avg_checkpoints"])
+    if not ckpts:
+        raise RecipeError(f"No LM checkpoint in {hparams['save_folder']}: train first")
+    hparams["model"].load_state_dict(average_checkpoints(
+        ckpts, recoverable_name="model", parameter_loader=load_model_params))
     folder = hparams["output_folder"]
     state = {k: v.detach().float().cpu() for k, v in hparams["model"].state_dict().items()}
     torch.save(state, os.path.join(folder, "lm.ckpt"))
@@ -125,10 +150,14 @@ def main(argv):
     device = resolve_device(run_opts.device if "device" in run_opts.overridden_args else None)
     run_opts = dataclasses.replace(run_opts, device=device,
                                    overridden_args=run_opts.overridden_args | {"device"})
+    routed, _ = route_overrides(hparams_file, overrides)  # unknown keys are an error
+    check_sizes(preview(hparams_file, routed, None))
     with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
+        hparams = load_hyperpyyaml(f, routed)
+    check_same_run(hparams)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+                                   hyperparams_to_save=hparams_file, overrides=routed)
+    record_run(hparams)
     sentences = read_sentences(hparams)
     text_csv = os.path.join(hparams["output_folder"], "lm_text.csv")
     write_text_csv(sentences, text_csv)
@@ -147,7 +176,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except RecipeError as e:  # user-fixable: the message says what to do
-        sys.exit(f"ERROR: {e}")
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -168,19 +168,20 @@ def build_arpa(sentences, order=3):
     return "\n".join(lines)
 
 
-def read_transcripts(csv_path, column="wrd"):
-    """Word lists of a SpeechBrain CSV manifest's transcript column."""
+def read_transcripts(csv_path, column="wrd", hint=" (or pass the transcript column: --column)"):
+    """Word lists of a SpeechBrain CSV manifest's transcript column, upper-cased as read_text's
+    (so that sentences compare equal whatever file and case they come from)."""
     from recipes.manifest import read_rows
 
-    rows = read_rows(csv_path, required=[column], hint=" (or pass the transcript column: --column)")
-    return [row[column].split() for row in rows]
+    rows = read_rows(csv_path, required=[column], hint=hint)
+    return [row[column].upper().split() for row in rows]
 
 
-def read_text(path, column="wrd"):
+def read_text(path, column="wrd", hint=" (or pass the transcript column: --column)"):
     """Word lists of a text source: a CSV manifest (its transcript column) or a plain text file
     (one sentence per line). Words are upper-cased, as the recipes' transcripts are."""
     if path.endswith(".csv"):
-        return read_transcripts(path, column)
+        return read_transcripts(path, column, hint)
     if os.path.isdir(path):
         raise RecipeError(f"{path} is a directory; pass text files (one sentence per line) or "
                           "CSV manifests")

@@ -23,7 +23,7 @@ from recipes.robust import FaultTolerance
 logger = logging.getLogger(__name__)
 
 
-def _load_params(path, map_location=None):
+def load_model_params(path, map_location=None):
     """A checkpoint's model parameters (weights only); a damaged file is a RecipeError."""
     verify_files(os.path.dirname(path), [os.path.basename(path)])
     try:
@@ -138,7 +138,8 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
                 f"No checkpoint with a {max_key or min_key} value in "
                 f"{self.checkpointer.checkpoints_dir}: train first (without --test_only, "
                 "skip_train False)")
-        state = average_checkpoints(ckpts, recoverable_name="model", parameter_loader=_load_params)
+        state = average_checkpoints(ckpts, recoverable_name="model",
+                                    parameter_loader=load_model_params)
         self.hparams.model.load_state_dict(state, strict=True)
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "

@@ -1,6 +1,7 @@
 """Tokenizer (SentencePiece) and pretrained LM loading for the recipes."""
 
 import os
+import re
 
 import sentencepiece as spm
 
@@ -41,11 +42,13 @@ def train_tokenizer(hparams):
     return wrapper.sp, wrapper.prefix_model_file + ".model"
 
 
-def _check_vocab(sp, output_neurons, origin):
-    if sp.vocab_size() > output_neurons:
+def _check_vocab(sp, output_neurons, origin, exact=False):
+    """exact: an S2S model's decoder needs one output per token, no more."""
+    if sp.vocab_size() > output_neurons or (exact and sp.vocab_size() != output_neurons):
+        more = "" if exact else " (or more)"
         raise RecipeError(f"The tokenizer from {origin} has {sp.vocab_size()} tokens but the model "
                          f"has output_neurons: {output_neurons}; pass --output_neurons "
-                         f"{sp.vocab_size()} (or more)")
+                         f"{sp.vocab_size()}{more}")
 
 
 def decode_words(tokenizer, ids):
@@ -57,8 +60,32 @@ def decode_words(tokenizer, ids):
 
 
 def is_hub_id(path):
-    """True when ``path`` names a Hugging Face repository rather than a local folder."""
-    return not os.path.isdir(path)
+    """True when ``path`` names a Hugging Face repository ("namespace/name") rather than a local
+    folder."""
+    return (not os.path.isdir(path) and not path.startswith((".", "~"))
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None)
+
+
+LM_SIZE_KEYS = ("output_neurons", "lm_d_model", "lm_nhead", "lm_num_layers", "lm_d_ffn")
+
+
+def _check_lm_sizes(hparams, source):
+    """RecipeError when the hyperparams.yaml that train_LM.py leaves in a local LM folder records
+    other LM sizes than hparams' (lm_nhead cannot be read from lm.ckpt's shapes)."""
+    path = os.path.join(source, "hyperparams.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    recorded = {k: int(m.group(1)) for k in LM_SIZE_KEYS
+                if (m := re.search(rf"^{k}: *(\d+)\s*(?:#.*)?$", text, re.M))}
+    wrong = [k for k, v in recorded.items() if hparams.get(k) is not None and hparams[k] != v]
+    if wrong:
+        raise RecipeError(
+            f"The LM in {source} was trained with "
+            + ", ".join(f"{k} {recorded[k]}" for k in wrong) + " (its hyperparams.yaml), this "
+            "run has " + ", ".join(f"{k} {hparams[k]}" for k in wrong) + ": pass "
+            + " ".join(f"--{k} {recorded[k]}" for k in wrong))
 
 
 def load_pretrained(hparams, lm_model=None):
@@ -69,10 +96,17 @@ def load_pretrained(hparams, lm_model=None):
     files cannot be fetched (no network, unknown id, missing files).
     """
     source = str(hparams["pretrained_lm_tokenizer_path"])
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise RecipeError(f"pretrained_lm_tokenizer_path {source} is not a folder (nor a Hugging "
+                          "Face id like speechbrain/asr-transformer-transformerlm-librispeech): "
+                          "give the folder that train_LM.py wrote (lm.ckpt, tokenizer.ckpt), or "
+                          "--no_lm True")
     tokenizer = spm.SentencePieceProcessor()
     loadables = {"tokenizer": tokenizer}
     if lm_model is not None:
         loadables["lm"] = lm_model
+        if os.path.isdir(source):
+            _check_lm_sizes(hparams, source)
     pretrainer = Pretrainer(
         collect_in=hparams["save_folder"],
         loadables=loadables,
@@ -86,16 +120,18 @@ def load_pretrained(hparams, lm_model=None):
             raise RecipeError(
                 f"lm.ckpt of {source} does not fit the recipe's lm_model "
                 f"({str(e).splitlines()[0]}): {lm_size_flags(hparams)}") from e
+        missing = [f"{k}.ckpt" for k in loadables
+                   if not os.path.isfile(os.path.join(source, f"{k}.ckpt"))]
         where = ("the Hugging Face hub is not reachable or has no such repository"
-                 if is_hub_id(source) else "the folder lacks " +
-                 " or ".join(f"{k}.ckpt" for k in loadables))
+                 if is_hub_id(source) else f"{source} lacks " + " and ".join(missing)
+                 if missing else "its files could not be loaded")
         raise RecipeError(
             f"Could not load {' and '.join(f'{k}.ckpt' for k in loadables)} from "
             f"pretrained_lm_tokenizer_path={source!r}: {where} ({type(e).__name__}: {e}). "
             "Use --pretrained_lm_tokenizer_path /local/folder (holding lm.ckpt and "
             "tokenizer.ckpt), or --no_lm True to decode without LM and train the tokenizer on "
             "your transcripts.") from e
-    _check_vocab(tokenizer, hparams["output_neurons"], source)
+    _check_vocab(tokenizer, hparams["output_neurons"], source, exact=True)
     return tokenizer, os.path.join(hparams["save_folder"], "tokenizer.ckpt")
 
 

@@ -273,7 +273,7 @@ def test_damaged_checkpoint_is_a_clear_error_naming_it(tmp_path):
     import re
 
     from recipes import RecipeError
-    from recipes.brain import _load_params
+    from recipes.brain import load_model_params
     from recipes.checkpoints import CRC, AtomicCheckpointer
 
     ckpt = AtomicCheckpointer(tmp_path, {"model": torch.nn.Linear(64, 64)})
@@ -287,7 +287,7 @@ def test_damaged_checkpoint_is_a_clear_error_naming_it(tmp_path):
                                           f"rm -r {folder}"):
         ckpt.recover_if_possible()
     with pytest.raises(RecipeError, match=f"Cannot load the checkpoint in {folder} .*CRC-32"):
-        _load_params(str(path))
+        load_model_params(str(path))
     meta = saved.path / "CKPT.yaml"
     record = yaml.safe_load(meta.read_text())
     del record[CRC]

@@ -20,18 +20,23 @@ LM_SIZES = {"lm_d_model": 32, "lm_nhead": 2, "lm_num_layers": 1, "lm_d_ffn": 64}
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
     """A tiny LM trained for 3 epochs on 600 sentences of the pool plus the test sentences, which
-    --exclude then leaves out."""
+    --exclude then leaves out although its CSV has them in lower case; --text without brackets
+    (one path); the two best checkpoints averaged."""
     out = tmp_path_factory.mktemp("lm")
     text = out / "text.txt"
     with open(TEST_CSV) as f:
-        test = [line.rstrip("\n").split(",")[-1] for line in f][1:]
+        lines = [line.rstrip("\n") for line in f]
+    test = [line.split(",")[-1] for line in lines[1:]]
+    lower = out / "test_lower.csv"
+    lower.write_text("\n".join([lines[0]] + [",".join(line.split(",")[:-1] + [t.lower()])
+                                             for line, t in zip(lines[1:], test)]) + "\n")
     with open(POOL) as f:
         pool = [line.strip() for line in f if line.strip() and line.strip() not in test][:600]
     text.write_text("\n".join(pool + test) + "\n")
     cmd = [sys.executable, "train_LM.py", "hparams/LM/transformer.yaml", "--device", "cpu",
-           "--output_folder", str(out), "--text", f"[{text}]", "--exclude", f"[{TEST_CSV}]",
+           "--output_folder", str(out), "--text", str(text), "--exclude", f"[{lower}]",
            "--number_of_epochs", "3", "--batch_size", "16", "--n_warmup_steps", "20",
-           "--noprogressbar"]
+           "--avg_checkpoints", "2", "--noprogressbar"]
     for key, value in LM_SIZES.items():
         cmd += [f"--{key}", str(value)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -88,5 +93,44 @@ def test_s2s_fusion_with_the_local_lm_changes_hypotheses(lm_folder, tmp_path):
 
 
 def test_lm_of_other_sizes_is_a_clear_error(lm_folder, tmp_path):
-    with pytest.raises(RecipeError, match=r"--lm_d_model 32 --lm_num_layers 1 --lm_d_ffn 64"):
+    # the sizes train_LM.py recorded in the folder, lm_nhead included (no shape shows it)
+    with pytest.raises(RecipeError, match=r"trained with lm_nhead 2 .*this run has lm_nhead 4: "
+                                          r"pass --lm_nhead 2$"):
+        _s2s_with_lm(lm_folder, tmp_path / "s2s", sizes={**LM_SIZES, "lm_nhead": 4})
+    with pytest.raises(RecipeError, match=r"pass --lm_d_model 32 --lm_nhead 2 --lm_num_layers 1 "
+                                          r"--lm_d_ffn 64"):
         _s2s_with_lm(lm_folder, tmp_path / "s2s", sizes={})
+    # a folder without that record (an LM from elsewhere): the sizes read from lm.ckpt's shapes
+    import shutil
+
+    out, test, stdout = lm_folder
+    bare = tmp_path / "bare_lm"
+    bare.mkdir()
+    for name in ("lm.ckpt", "tokenizer.ckpt"):
+        shutil.copy(out / name, bare / name)
+    with pytest.raises(RecipeError, match=r"--lm_d_model 32 --lm_num_layers 1 --lm_d_ffn 64"):
+        _s2s_with_lm((bare, test, stdout), tmp_path / "s2s_bare", sizes={})
+
+
+def test_missing_lm_folder_is_not_called_a_hub_problem(lm_folder, tmp_path):
+    out, test, stdout = lm_folder
+    with pytest.raises(RecipeError, match=r"lm_typo is not a folder .*--no_lm True"):
+        _s2s_with_lm((tmp_path / "lm_typo", test, stdout), tmp_path / "s2s")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "tokenizer.ckpt").write_bytes((out / "tokenizer.ckpt").read_bytes())
+    with pytest.raises(RecipeError, match=r"half lacks lm.ckpt"):
+        _s2s_with_lm((tmp_path / "half", test, stdout), tmp_path / "s2s_half")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lm_dmodel", "64"], "Unknown hyperparameter 'lm_dmodel'.*Did you mean: lm_d_model"),
+    (["--lm_nhead", "3"], "lm_d_model 128 is not divisible by lm_nhead 3"),
+    (["--valid_fraction", "1.0"], "valid_fraction is 1.0 of"),
+    (["--text", "[data/mini_corpus/audio]"], "is a directory"),
+])
+def test_train_lm_errors_name_the_fix(args, message, tmp_path):
+    import train_LM
+
+    with pytest.raises(RecipeError, match=message):
+        train_LM.main(["hparams/LM/transformer.yaml", "--device", "cpu", "--output_folder",
+                       str(tmp_path), "--noprogressbar", *args])
