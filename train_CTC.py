@@ -74,7 +74,7 @@ class ASR(RecipeBrain):
         if stage == sb.Stage.VALID:
             self.append_error_rates(batch, [decode_words(self.tokenizer, h) for h in hyps])
         elif stage == sb.Stage.TEST:
-            self.append_error_rates(batch, [h[0].text.split(" ") for h in hyps])
+            self.append_error_rates(batch, [h[0].text.split() for h in hyps])
         return loss
 
     def stage_stats(self, stage):

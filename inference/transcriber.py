@@ -23,6 +23,7 @@ import difflib
 import functools
 import math
 import os
+import re
 
 import torch
 from torch.nn import functional as F
@@ -218,7 +219,7 @@ class Transcriber:
             missing = ("a CTC LM (make one with `python -m tools.make_word_lm` MODEL_DIR "
                        "TEXT)")
         else:
-            has_lm = os.path.isfile(os.path.join(model_dir, "lm.ckpt"))
+            has_lm = _s2s_has_lm(model_dir)
             missing = "lm.ckpt: this model was exported without an LM"
         if use_lm and not has_lm:
             raise TranscriberError(f"No LM in {model_dir}: it lacks {missing}; decode without "
@@ -396,6 +397,15 @@ def _length(bounds):
     return bounds[1] - bounds[0]
 
 
+def _s2s_has_lm(model_dir):
+    """An S2S folder's LM: lm.ckpt, and a hyperparams.yaml that defines its scorer (a folder
+    re-exported without LM by an older version may keep a stale lm.ckpt)."""
+    if not os.path.isfile(os.path.join(model_dir, "lm.ckpt")):
+        return False
+    with open(os.path.join(model_dir, "hyperparams.yaml"), encoding="utf-8") as f:
+        return re.search(r"^lm_scorer:", f.read(), re.M) is not None
+
+
 def _check_lm_options(model_dir, kind, has_lm, use_lm, lm_weight, word_score):
     """TranscriberError unless lm_weight / word_score (those not None) are finite and weigh an
     LM that decoding uses: a CTC folder's n-gram LM, not disabled."""
@@ -437,6 +447,9 @@ def _configure_s2s(asr, beam_size, use_lm, ctc_weight, ctc_partial, device):
         raise TranscriberError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
     full, partial, weights = [], [], {}
     if ctc_weight > 0:
+        if ctc_partial and ctc_weight == 1:
+            raise TranscriberError("ctc_partial (--ctc-partial) needs ctc_weight < 1: with weight 1 "
+                                   "the CTC scorer alone ranks the tokens, so it scores them all")
         (partial if ctc_partial else full).append(hp.ctc_scorer)
         weights["ctc"] = ctc_weight
     if use_lm:

@@ -16,6 +16,7 @@ plus word_score per word; ``ctc_lm.json`` in the folder records the kind and the
 """
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -75,12 +76,26 @@ def has_word_lm(folder):
     return lm_settings(folder) is not None
 
 
+@contextlib.contextmanager
+def _replace_atomically(path):
+    """A text file opened for writing beside ``path`` that replaces it once complete: an
+    interrupted build leaves the previous LM intact, never a truncated one."""
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_lexicon(words, tokenizer, path):
     """One line per word: WORD piece piece ... (the tokenizer's spelling, without a standalone
     word-start piece: that one is the decoder's silence between words). Words that the
     tokenizer can only spell with its unknown piece are left out; returns how many were."""
     skipped = 0
-    with open(path, "w") as f:
+    with _replace_atomically(path) as f:
         for word in sorted(words):
             ids = tokenizer.encode(word)
             if not ids or tokenizer.unk_id() in ids:
@@ -199,7 +214,7 @@ def build_word_lm(sentences, tokenizer, folder, order=3):
     """Writes lexicon.txt and word_lm.arpa into folder; returns (words, words skipped)."""
     words = {w for s in sentences for w in s}
     skipped = write_lexicon(words, tokenizer, os.path.join(folder, LEXICON))
-    with open(os.path.join(folder, ARPA), "w") as f:
+    with _replace_atomically(os.path.join(folder, ARPA)) as f:
         f.write(build_arpa(sentences, order))
     return len(words), skipped
 
@@ -216,14 +231,14 @@ def build_token_lm(sentences, tokenizer, folder, order=6):
     """Writes token_lm.arpa: an n-gram LM over the tokenizer's pieces of each sentence
     (token_lm_pieces); returns the number of sentences."""
     pieces = [token_lm_pieces(tokenizer, words) for words in sentences if words]
-    with open(os.path.join(folder, TOKEN_ARPA), "w") as f:
+    with _replace_atomically(os.path.join(folder, TOKEN_ARPA)) as f:
         f.write(build_arpa(pieces, order))
     return len(pieces)
 
 
 def write_lm_settings(folder, kind, lm_weight, word_score=0.0):
     """Records which LM the folder's decoder uses and with which weights."""
-    with open(os.path.join(folder, SETTINGS), "w") as f:
+    with _replace_atomically(os.path.join(folder, SETTINGS)) as f:
         json.dump({"kind": kind, "lm_weight": lm_weight, "word_score": word_score}, f, indent=1)
 
 
@@ -270,6 +285,22 @@ def add_word_lm(model_dir, csv_paths, order=3, column="wrd"):
     return report["words"], report["skipped"], report["sentences"]
 
 
+def _load_decoder(ctc_decoder, folder, kind, **options):
+    """torchaudio's flashlight decoder; RecipeError naming the LM files when they cannot be read
+    (flashlight-text missing, or a damaged file)."""
+    try:
+        return ctc_decoder(**options)
+    except RuntimeError as err:
+        if "flashlight" in str(err).lower():
+            raise RecipeError("LM decoding needs flashlight-text: pip install -r "
+                              "requirements-lm.txt (or decode without the LM)") from err
+        files = TOKEN_ARPA if kind == "token" else f"{LEXICON} and {ARPA}"
+        raise RecipeError(f"The CTC LM in {folder} cannot be loaded ({files}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}); "
+                          "rebuild it with `python -m tools.make_word_lm` MODEL_DIR TEXT, or "
+                          "decode without it (--no-lm)") from err
+
+
 class CTCLMDecoder:
     """CTC log-probabilities -> transcripts, beam search with the folder's LM (either kind).
 
@@ -280,7 +311,7 @@ class CTCLMDecoder:
                  word_score=None):
         try:
             from torchaudio.models.decoder import ctc_decoder
-        except ImportError as err:  # torchaudio raises it when flashlight-text is missing
+        except (ImportError, RuntimeError) as err:  # no flashlight-text (RuntimeError: 2.11)
             raise RecipeError("LM decoding needs flashlight-text: pip install -r "
                               "requirements-lm.txt (or decode without the LM)") from err
         settings = lm_settings(folder)
@@ -302,7 +333,8 @@ class CTCLMDecoder:
                 lm_dict = os.path.join(tmp, "tokens.txt")
                 with open(lm_dict, "w", encoding="utf-8") as f:
                     f.write("\n".join(tokens) + "\n")
-            self.decoder = ctc_decoder(
+            self.decoder = _load_decoder(
+                ctc_decoder, folder, self.kind,
                 lexicon=os.path.join(folder, LEXICON) if self.kind == "lexicon" else None,
                 tokens=tokens, lm_dict=lm_dict,
                 lm=os.path.join(folder, ARPA if self.kind == "lexicon" else TOKEN_ARPA),

@@ -96,7 +96,7 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
 
     def append_error_rates(self, batch, words):
         """words: one list of words per utterance of ``batch``."""
-        targets = [wrd.split(" ") for wrd in batch.wrd]
+        targets = [wrd.split() for wrd in batch.wrd]
         self.wer_metric.append(batch.id, words, targets)
         self.cer_metric.append(batch.id, words, targets)
 
@@ -152,12 +152,14 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
 
     def test(self, tests, wer_name="wer"):
         """Evaluates every test set ({name: dataset}) with the averaged best checkpoints, writing
-        <output_wer_folder>/{<wer_name>,cer}_<name>.txt."""
+        <output_wer_folder>/<wer_name>_<name>.txt and the CER beside it (wer_no_lm ->
+        cer_no_lm)."""
         folder = self.hparams.output_wer_folder
         os.makedirs(folder, exist_ok=True)
         for name, dataset in tests.items():
             self.result_files = {"wer": os.path.join(folder, f"{wer_name}_{name}.txt"),
-                                 "cer": os.path.join(folder, f"cer_{name}.txt")}
+                                 "cer": os.path.join(folder, wer_name.replace("wer", "cer", 1)
+                                                     + f"_{name}.txt")}
             self.evaluate_best(dataset, test_loader_kwargs=self.hparams.test_dataloader_opts)
 
     # --- logging -----------------------------------------------------------------------------

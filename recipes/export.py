@@ -234,6 +234,9 @@ def export_inference_folder(hparams, kind, tokenizer_file, lm_model=None):
     torch.save(state, os.path.join(folder, "model.ckpt"))
     hparams["normalize"]._save(os.path.join(folder, "normalizer.ckpt"))
     shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.ckpt"))
+    lm_file = os.path.join(folder, "lm.ckpt")
     if lm_model is not None:
-        torch.save(lm_model.state_dict(), os.path.join(folder, "lm.ckpt"))
+        torch.save(lm_model.state_dict(), lm_file)
+    elif os.path.exists(lm_file):  # an earlier export's: this hyperparams.yaml has no LM
+        os.remove(lm_file)
     return folder

@@ -43,10 +43,11 @@ def setup(argv, kind, mps_note=None):
         run_opts, **changes, overridden_args=run_opts.overridden_args | set(changes))
     sb.utils.distributed.ddp_init_group(run_opts)
 
-    check_same_run(hparams)  # before hyperparams.yaml is overwritten
+    testing_only = bool(hparams["skip_train"] or run_opts.test_only)
+    check_same_run(hparams, testing_only)  # before hyperparams.yaml is overwritten
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=routed)
-    if if_main_process():
+    if if_main_process() and not testing_only:
         record_run(hparams)
     if if_main_process() and os.path.isfile(sys.argv[0]):  # keep the script next to its results
         shutil.copy(sys.argv[0], hparams["output_folder"])

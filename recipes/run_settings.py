@@ -31,6 +31,7 @@ RESUMABLE = frozenset({
     "experiment", "output_folder", "output_wer_folder", "save_folder", "train_log",
     "tensorboard_folder", "inference_folder",
 })
+TESTING_ONLY = frozenset({"no_lm"})  # also free when a run only tests (decoding without its LM)
 
 
 def _plain(value):
@@ -51,9 +52,10 @@ def _has_checkpoints(hparams):
     return bool(save) and bool(glob.glob(os.path.join(save, "CKPT+*")))
 
 
-def check_same_run(hparams):
+def check_same_run(hparams, testing_only=False):
     """Raises RecipeError when hparams["output_folder"] holds checkpoints of a run recorded with
-    other settings (see the module docstring). A folder without a record is not checked."""
+    other settings (see the module docstring). A folder without a record is not checked.
+    testing_only (--test_only, skip_train): the TESTING_ONLY keys may change as well."""
     folder = hparams["output_folder"]
     path = os.path.join(folder, RECORD)
     if not (os.path.isfile(path) and _has_checkpoints(hparams)):
@@ -66,6 +68,7 @@ def check_same_run(hparams):
                           "with this command's settings") from e
     now = run_settings(hparams)
     free = RESUMABLE | set(PRESETS["cpu"]) | set(PRESETS["cuda"]) | set(PRESETS["mps"])
+    free |= TESTING_ONLY if testing_only else set()
     changed = [k for k in sorted(set(before) | set(now))
                if k not in free and before.get(k) != now.get(k)]
     if not changed:
@@ -80,7 +83,8 @@ def check_same_run(hparams):
 
 
 def record_run(hparams):
-    """Writes the recipe's plain values to <output_folder>/run_settings.json (main process)."""
+    """Writes the recipe's plain values to <output_folder>/run_settings.json (main process, by a
+    run that trains: a test-only run leaves the record of the run that made the checkpoints)."""
     path = os.path.join(hparams["output_folder"], RECORD)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

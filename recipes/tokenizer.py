@@ -52,11 +52,11 @@ def _check_vocab(sp, output_neurons, origin, exact=False):
 
 
 def decode_words(tokenizer, ids):
-    """Token ids -> list of words. Ids beyond the tokenizer's vocabulary (possible when
+    """Token ids -> list of words (no empty ones: a lone word-start piece adds no word). Ids beyond the tokenizer's vocabulary (possible when
     output_neurons exceeds it, e.g. characters of a small corpus) are dropped: they are never
     targets."""
     size = tokenizer.vocab_size()
-    return tokenizer.decode_ids([int(i) for i in ids if int(i) < size]).split(" ")
+    return tokenizer.decode_ids([int(i) for i in ids if int(i) < size]).split()
 
 
 def is_hub_id(path):

@@ -163,3 +163,22 @@ def test_speechbrain_searcher_runs_mamba_decoder():
     ref = search(S2STransformerBeamSearcher, net, seq_lin, None, enc, wav_len)
     assert ours[0] == ref[0]
     torch.testing.assert_close(ours[2], ref[2], atol=1e-4, rtol=0)
+
+
+def test_decoded_words_are_never_empty():
+    """A lone word-start piece (or an empty hypothesis) adds no empty word to the WER."""
+    from recipes.tokenizer import decode_words
+
+    class Pieces:
+        def __init__(self, text):
+            self.text = text
+
+        def vocab_size(self):
+            return 5
+
+        def decode_ids(self, ids):
+            return self.text
+
+    assert decode_words(Pieces("THE "), [1, 2]) == ["THE"]
+    assert decode_words(Pieces(""), []) == []
+    assert decode_words(Pieces(" A  B"), [1]) == ["A", "B"]

@@ -134,3 +134,28 @@ def test_train_lm_errors_name_the_fix(args, message, tmp_path):
     with pytest.raises(RecipeError, match=message):
         train_LM.main(["hparams/LM/transformer.yaml", "--device", "cpu", "--output_folder",
                        str(tmp_path), "--noprogressbar", *args])
+
+
+def test_reexport_without_lm_and_partial_ctc_scoring(lm_folder, tmp_path):
+    """An S2S folder re-exported without its LM loses lm.ckpt (a stale one, as older versions
+    left, is ignored: the hyperparams define no LM scorer); --ctc-partial needs ctc_weight < 1."""
+    import shutil
+
+    from inference.transcriber import Transcriber, TranscriberError
+
+    folder = _s2s_with_lm(lm_folder, tmp_path / "s2s")
+    lm = os.path.join(folder, "lm.ckpt")
+    assert os.path.isfile(lm)
+    with pytest.raises(TranscriberError, match="ctc_partial .* needs ctc_weight < 1"):
+        Transcriber.from_folder(folder, device="cpu", ctc_weight=1.0, ctc_partial=True)
+    kept = str(tmp_path / "lm_kept.ckpt")
+    shutil.copy(lm, kept)
+    out, _, _ = lm_folder
+    again = export_untrained(os.path.join(REPO, "hparams/S2S/tiny.yaml"), "S2S",
+                             str(tmp_path / "s2s"), overrides={
+                                 "no_lm": True, "pretrained_lm_tokenizer_path": str(out),
+                                 "output_neurons": 40, **LM_SIZES})
+    assert again == folder and not os.path.exists(lm)
+    shutil.copy(kept, lm)  # stale, as an older export left it
+    asr = Transcriber.from_folder(folder, device="cpu")
+    assert isinstance(asr.transcribe_waveform(speech_like(1.0), 16000), str)

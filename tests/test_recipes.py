@@ -184,6 +184,7 @@ def test_s2s_trains_tests_and_exports(s2s_run, csvs, tmp_path):
 
     out, proc = s2s_run
     assert "%WER" in (out / "wer_no_lm_test.txt").read_text()
+    assert "%WER" in (out / "cer_no_lm_test.txt").read_text()  # named like the WER file
     assert list((out / "save").glob("CKPT*"))
     assert "valid ACC" in (out / "train_log.txt").read_text()
     asr = EncoderDecoderASR.from_hparams(source=str(out / "inference"),

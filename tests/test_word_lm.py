@@ -150,6 +150,31 @@ def test_token_lm_decoder_spells_new_words_and_prefers_seen_spellings(char_token
     assert CTCLMDecoder(str(tmp_path), char_tokenizer, 0, lm_weight=0.0).lm_weight == 0.0
 
 
+def test_interrupted_lm_build_keeps_the_previous_lm_and_damage_is_named(char_tokenizer,
+                                                                         tmp_path, monkeypatch):
+    pytest.importorskip("flashlight.lib.text")
+    from inference import word_lm
+    from inference.word_lm import TOKEN_ARPA, CTCLMDecoder, build_token_lm, write_lm_settings
+
+    build_token_lm(SENTENCES, char_tokenizer, str(tmp_path), order=4)
+    write_lm_settings(str(tmp_path), "token", lm_weight=1.0)
+    before = (tmp_path / TOKEN_ARPA).read_text()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(word_lm, "build_arpa", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_lm(SENTENCES[:1], char_tokenizer, str(tmp_path), order=2)
+    assert (tmp_path / TOKEN_ARPA).read_text() == before  # not truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TOKEN_ARPA, "ctc_lm.json"])
+    CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0)
+    (tmp_path / TOKEN_ARPA).write_text("")  # damaged some other way
+    with pytest.raises(RecipeError, match=f"CTC LM in {tmp_path} cannot be loaded "
+                                          f"\\({TOKEN_ARPA}.*rebuild it"):
+        CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0)
+
+
 @pytest.mark.parametrize("text", ["THE CAT SAT ON THE MAT", "HELLO WARLD"])
 def test_token_lm_scores_each_token_with_its_own_lm_probability(char_tokenizer, tmp_path, text):
     """The decoder's score of a clear path is its acoustic score plus lm_weight times the
