@@ -17,10 +17,18 @@ $(VENV)/.installed: requirements.txt requirements-lm.txt
 test: venv
 	$(BIN)/python -m pytest tests
 
+# DEMO_ARGS: options of demo.py (python demo.py --help), e.g.
+#   make demo DEMO_ARGS="--epochs 3"   or   make demo DEMO_ARGS="--resume"
 demo: venv
 	$(BIN)/python demo.py $(DEMO_ARGS)
 
-bench: venv
+# mambapy (requirements-bench.txt): the comparison rows of bench_scan (README)
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt || echo "mambapy did not \
+	install: bench_scan skips its mambapy rows; everything else runs"
+	touch $@
+
+bench: venv $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.bench_scan --quick
 	$(BIN)/python -m benchmarks.bench_models --quick
 	$(BIN)/python -m benchmarks.bench_rtf --quick

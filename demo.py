@@ -14,14 +14,22 @@ exported model and prints a summary table.
 
 Training runs train_CTC.py in a subprocess (its progress bar and logs go to this terminal);
 everything it writes (checkpoints, wer_*.txt / cer_*.txt, inference/) and summary.json land in
---output-folder (default demo_results/).
+--output-folder (default demo_results/). Every option is checked before anything is written.
+Without --resume a run starts afresh in a new or empty folder, or replaces a folder of an
+earlier demo run: one holding the marker file demo_output.txt that demo.py writes in the folders
+it starts (or, from a demo.py older than the marker, a finished run's summary.json,
+hyperparams.yaml and train_log.txt), and nothing but what demo.py and train_CTC.py write there.
+Any other non-empty folder is refused and left as it is.
 """
 
 import argparse
 import json
+import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +52,18 @@ QUICK_MODEL = {"d_model": 32, "nhead": 2, "num_encoder_layers": 2, "d_ffn": 64, 
                "beam_size": 2}
 QUICK_UTTERANCES = {"train": 24, "valid": 4, "test": 4, "real": 2}
 RATE_LINE = re.compile(r"^%WER ([0-9.]+) \[ (\d+) / (\d+)")
+# written in the output folders demo.py starts: a later run (without --resume) may replace them
+MARKER = "demo_output.txt"
+# what a demo run writes at the top of its output folder (demo.py, train_CTC.py, SpeechBrain),
+# besides wer_<set>.txt / cer_<set>.txt; .DS_Store: macOS Finder's
+DEMO_NAMES = frozenset({
+    MARKER, "summary.json", "hyperparams.yaml", "train_log.txt", "log.txt", "env.log",
+    "run_settings.json", "train_CTC.py", "run.py", "save", "inference", "inference_cache",
+    "quick_data", "tensorboard", ".DS_Store"})
+DEMO_RATE_FILE = re.compile(r"[wc]er_[\w.-]+\.txt")
+# a finished run of a demo.py older than MARKER holds these
+LEGACY_DEMO_FILES = ("summary.json", "hyperparams.yaml", "train_log.txt")
+QUICK_WARMUP_STEPS = 2
 
 
 class DemoError(RecipeError):
@@ -55,7 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs over the 4500 bundled utterances (default: demo.yaml's)")
     p.add_argument("--output-folder", default=None,
-                   help="default: demo_results/ (demo_streaming_results/ with --streaming)")
+                   help="default: demo_results/ (demo_streaming_results/ with --streaming); "
+                        "a new or empty folder, or one of an earlier demo run (replaced "
+                        "unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help="keep the output folder and continue from its last checkpoint "
                         "(default: start afresh)")
@@ -79,14 +101,110 @@ def parse_args(argv=None):
     args.corpus = os.path.abspath(args.corpus)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads} (leave it out for one per core)")
     return args
+
+
+def check_output_folder(out):
+    """Raises DemoError when the folder out (absolute) is a file, lies under a file or is not
+    writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DemoError(f"--output-folder {out} is a file, not a folder: pass another "
+                        "--output-folder")
+    existing = out
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DemoError(f"--output-folder {out}: {existing} is a file, not a folder: pass "
+                        "another --output-folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DemoError(f"--output-folder {out}: no permission to write in {existing}: pass a "
+                        "folder you can write to")
+
+
+def prepare_output_folder(out, resume):
+    """Makes the folder out ready for a run. --resume keeps it as it is. Otherwise a run starts
+    afresh: out is made (or kept when empty) or, when it is the folder of an earlier demo run,
+    emptied; either way it gets MARKER. An earlier demo run's folder holds MARKER, or, from a
+    demo.py older than MARKER, LEGACY_DEMO_FILES, and nothing but DEMO_NAMES and wer_/cer_
+    files; any other non-empty folder raises DemoError, untouched."""
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and resume:
+        return
+    if entries:
+        foreign = [e for e in entries if e not in DEMO_NAMES and not DEMO_RATE_FILE.fullmatch(e)]
+        if MARKER not in entries and not all(f in entries for f in LEGACY_DEMO_FILES):
+            what = (f"is not empty and is not the folder of a demo run (it has no {MARKER}, nor "
+                    f"the {', '.join(LEGACY_DEMO_FILES)} of a finished run of an older demo.py)")
+        elif foreign:
+            shown = ", ".join(foreign[:3]) + (f" (and {len(foreign) - 3} more)"
+                                              if len(foreign) > 3 else "")
+            what = f"holds {shown}, which a demo run does not write"
+        else:
+            what = None
+        if what:
+            raise DemoError(f"--output-folder {out} {what}; it was left as it is. Pass another "
+                            "--output-folder (new or empty), or --resume to continue a demo run "
+                            "there")
+        try:  # the folder itself stays (it may be a link, or have its own permissions)
+            for entry in entries:
+                path = os.path.join(out, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        except OSError as e:
+            raise DemoError(f"--output-folder {out}: cannot delete the earlier demo run's "
+                            f"{e.filename or out} ({e.strerror or e}): delete that folder "
+                            "yourself or pass "
+                            "another --output-folder") from e
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, MARKER), "w") as f:
+            f.write("Made by demo.py: `python demo.py` (without --resume) with this folder as "
+                    "--output-folder replaces everything in it.\n")
+    except OSError as e:
+        raise DemoError(f"--output-folder {out}: cannot write there ({e}): pass another "
+                        "--output-folder") from e
+
+
+def hparams_value(path, key):
+    """The integer value of key in a hparams YAML file (its first `key: <int>` line)."""
+    with open(path) as f:
+        return int(re.search(rf"^\s*{key}: (\d+)", f.read(), re.M).group(1))
+
+
+def warmup_steps(args, train_rows, out):
+    """The learning-rate warm-up of this run (optimizer steps): the recipe's (or --quick's),
+    capped at a quarter of the run's fewest possible steps (epochs x the train audio over
+    max_batch_length_train seconds), so that short runs (--epochs 1, a small --corpus) have a
+    warm-up below their steps, as train_CTC.py requires. --resume takes the one recorded in
+    out, so that more --epochs continue the run."""
+    hparams = STREAMING_HPARAMS if args.streaming else HPARAMS
+    record = os.path.join(out, "run_settings.json")
+    if args.resume and os.path.isfile(record):
+        try:
+            with open(record) as f:
+                return int(json.load(f)["n_warmup_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # train_CTC.py says what is wrong with the record
+    default = QUICK_WARMUP_STEPS if args.quick else hparams_value(hparams, "n_warmup_steps")
+    epochs = args.epochs or (1 if args.quick else hparams_value(hparams, "number_of_epochs"))
+    try:
+        seconds = sum(float(r["duration"]) for r in train_rows)
+    except (KeyError, TypeError, ValueError):
+        return default  # train_CTC.py names the bad row
+    batches = math.ceil(seconds / hparams_value(hparams, "max_batch_length_train"))
+    return min(default, epochs * batches // 4)
 
 
 def read_rows(split, corpus):
     path = os.path.join(corpus, f"{split}.csv")
     if not os.path.isfile(path):
         hint = ("restore data/mini_corpus from the repository (git checkout data/mini_corpus)"
-                if corpus == CORPUS else "make it with tools/make_corpus.py (--real-csv for real)")
+                if corpus == CORPUS else "make it with tools/make_corpus.py (--real-csv for real), "
+                "or pass another --corpus")
         raise DemoError(f"{path} is missing: {hint}")
     return manifest.read_rows(path)
 
@@ -105,16 +223,19 @@ def write_subset(folder, counts, corpus):
     return paths
 
 
-def train_command(args, out):
-    """The train_CTC.py command line for this demo run."""
+def train_command(args, out, train_rows):
+    """The train_CTC.py command line for this demo run; train_rows: the rows it trains on."""
     hparams = STREAMING_HPARAMS if args.streaming else HPARAMS
     cmd = [sys.executable, os.path.join(REPO, "train_CTC.py"), hparams, "--device", args.device,
            "--output_folder", out]
+    warmup = warmup_steps(args, train_rows, out)
+    if args.quick or warmup != hparams_value(hparams, "n_warmup_steps"):
+        cmd += ["--n_warmup_steps", str(warmup)]
     if args.quick:
         csvs = write_subset(os.path.join(out, "quick_data"), QUICK_UTTERANCES, args.corpus)
         cmd += ["--train_csv", csvs["train"], "--valid_csv", csvs["valid"],
                 "--test_csv", f"[{csvs['test']}, {csvs['real']}]", "--number_of_epochs",
-                str(args.epochs or 1), "--n_warmup_steps", "2", "--noprogressbar"]
+                str(args.epochs or 1), "--noprogressbar"]
         for key, value in QUICK_MODEL.items():
             cmd += [f"--{key}", str(value)]
     elif args.corpus != CORPUS:
@@ -284,25 +405,62 @@ def format_table(summary):
 
 
 def demo_file(args, test_rows):
-    """(path, reference transcript or '') of the file to transcribe."""
+    """(path, reference transcript or '') of the file to transcribe; --file must decode."""
     if args.file:
+        from recipes.audio import AudioError, check_audio
+
         if not os.path.isfile(args.file):
             raise DemoError(f"--file {args.file}: no such file")
+        try:
+            check_audio(args.file)
+        except AudioError as e:
+            raise DemoError(f"--file: {e}") from e
         return os.path.abspath(args.file), ""
     row = test_rows[0]
     return os.path.join(args.corpus, row["wav"]), row["wrd"]
+
+
+def run_training(cmd, env):
+    """Runs train_CTC.py and returns its exit status. It ignores Ctrl-C (it would print a
+    traceback of its own): on Ctrl-C here it is stopped (SIGTERM; its checkpoints are written
+    atomically) before the KeyboardInterrupt goes on."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by train_CTC.py
+    proc = None
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+        signal.signal(signal.SIGINT, handler)
+        return proc.wait()
+    except KeyboardInterrupt:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def training_failed(out):
+    """The DemoError of a failed train_CTC.py run, naming its log file if it wrote one."""
+    log = os.path.join(out, "log.txt")
+    details = f"; details in {log}" if os.path.isfile(log) else ""
+    return DemoError(f"train_CTC.py failed (its error is above{details})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     out = os.path.abspath(args.output_folder)
+    # every option is checked before the output folder is touched
+    check_output_folder(out)
     rows = {split: read_rows(split, args.corpus) for split in SPLITS}
-    train_rows, test_rows = rows["train"], rows["test"]
-    wav, reference = demo_file(args, test_rows)
-    if os.path.isdir(out) and not args.resume:
-        shutil.rmtree(out)  # a demo trains from scratch
-    os.makedirs(out, exist_ok=True)
+    # the rows this run trains and tests on: with --quick the first QUICK_UTTERANCES of each
+    used = {split: rows[split][:QUICK_UTTERANCES[split]] if args.quick else rows[split]
+            for split in SPLITS}
+    wav, reference = demo_file(args, rows["test"])
+    from recipes.device import resolve_device
+
+    resolve_device(args.device)  # RecipeError for an unknown or unavailable device
+    prepare_output_folder(out, args.resume)
     env = dict(os.environ)
     # OpenMP's default (spinning) wait policy: with OMP_WAIT_POLICY=PASSIVE training took 1.8x
     # as long per step on an idle 2-core machine (2.5 vs 4.5 steps/s, data loader worker beside it)
@@ -311,29 +469,27 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)  # for the transcription here
-    cmd = train_command(args, out)
+    cmd = train_command(args, out, used["train"])
     print("Training:", " ".join(cmd), flush=True)
     t0 = time.time()
-    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
-        raise DemoError(f"train_CTC.py failed (log above; details in {out}/log.txt)")
+    if run_training(cmd, env) != 0:
+        raise training_failed(out)
     train_seconds = time.time() - t0
 
     with open(os.path.join(out, "hyperparams.yaml")) as f:
         epochs = int(re.search(r"^number_of_epochs: (\d+)", f.read(), re.M).group(1))
-    n_train = QUICK_UTTERANCES["train"] if args.quick else len(train_rows)
     inference = os.path.join(out, "inference")
     # then transcribe.py and the Transcriber decode with the token LM by default
     word_lm = try_add_ctc_lm(inference, args.corpus)
     asr = load_transcriber(inference, args.device)  # one load for the file and the test sets
-    n_valid = QUICK_UTTERANCES["valid"] if args.quick else len(rows["valid"])
     lm_weight, word_score, valid_lm = (
-        tune_lm(asr, inference, rows["valid"][:n_valid], args.corpus) if word_lm
+        tune_lm(asr, inference, used["valid"], args.corpus) if word_lm
         else (None, None, {}))
     transcript = asr.transcribe_files([wav])[0]
     params = sum(p.numel() for p in asr.asr.hparams.model.parameters())  # frozen: count all
     summary = {
-        "device": args.device, "epochs": epochs, "train_utterances": n_train,
-        "train_hours": sum(float(r["duration"]) for r in train_rows[:n_train]) / 3600,
+        "device": args.device, "epochs": epochs, "train_utterances": len(used["train"]),
+        "train_hours": sum(float(r["duration"]) for r in used["train"]) / 3600,
         "parameters": params, "train_seconds": train_seconds,
         "file": os.path.relpath(wav, REPO), "reference": reference, "transcript": transcript,
         "lm_weight": lm_weight, "word_score": word_score,
@@ -343,14 +499,13 @@ def main(argv=None):
     for name in TEST_SETS:
         wer, _, _ = read_error_rate(os.path.join(out, f"wer_{name}.txt"))
         cer, _, _ = read_error_rate(os.path.join(out, f"cer_{name}.txt"))
-        n = QUICK_UTTERANCES[name] if args.quick else len(rows[name])
-        summary[name] = {"WER": wer, "CER": cer, "utterances": n,
-                         "oov": oov_rate(rows[name][:n], train_rows[:n_train])}
+        summary[name] = {"WER": wer, "CER": cer, "utterances": len(used[name]),
+                         "oov": oov_rate(used[name], used["train"])}
         if word_lm:
-            wer_lm, cer_lm = error_rates(asr, rows[name][:n], args.corpus)
+            wer_lm, cer_lm = error_rates(asr, used[name], args.corpus)
             summary[name]["word_lm"] = {"WER": wer_lm, "CER": cer_lm}
         if args.streaming:
-            wer_s, cer_s = streaming_error_rates(inference, rows[name][:n], args.corpus,
+            wer_s, cer_s = streaming_error_rates(inference, used[name], args.corpus,
                                                  args.device)
             summary[name]["streaming"] = {"WER": wer_s, "CER": cer_s}
     summary["total_seconds"] = time.time() - start
@@ -360,5 +515,17 @@ def main(argv=None):
     return summary
 
 
+def interrupted(argv):
+    """The line printed on Ctrl-C: how to continue the run."""
+    command = shlex.join(["python", "demo.py", *argv] + ([] if "--resume" in argv else
+                                                         ["--resume"]))
+    return (f"ERROR: interrupted; to continue from the last checkpoint, run the same command "
+            f"with --resume: {command}")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:]))
+    try:
+        sys.exit(run_cli(main, sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("\n" + interrupted(sys.argv[1:]), file=sys.stderr, flush=True)
+        sys.exit(130)

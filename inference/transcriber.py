@@ -448,8 +448,9 @@ def _configure_s2s(asr, beam_size, use_lm, ctc_weight, ctc_partial, device):
     full, partial, weights = [], [], {}
     if ctc_weight > 0:
         if ctc_partial and ctc_weight == 1:
-            raise TranscriberError("ctc_partial (--ctc-partial) needs ctc_weight < 1: with weight 1 "
-                                   "the CTC scorer alone ranks the tokens, so it scores them all")
+            raise TranscriberError("ctc_partial (--ctc-partial) needs ctc_weight < 1: with "
+                                   "weight 1 the CTC scorer alone ranks the tokens, so it scores "
+                                   "them all")
         (partial if ctc_partial else full).append(hp.ctc_scorer)
         weights["ctc"] = ctc_weight
     if use_lm:

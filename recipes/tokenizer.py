@@ -52,9 +52,9 @@ def _check_vocab(sp, output_neurons, origin, exact=False):
 
 
 def decode_words(tokenizer, ids):
-    """Token ids -> list of words (no empty ones: a lone word-start piece adds no word). Ids beyond the tokenizer's vocabulary (possible when
-    output_neurons exceeds it, e.g. characters of a small corpus) are dropped: they are never
-    targets."""
+    """Token ids -> list of words (no empty ones: a lone word-start piece adds no word). Ids
+    beyond the tokenizer's vocabulary (possible when output_neurons exceeds it, e.g. characters
+    of a small corpus) are dropped: they are never targets."""
     size = tokenizer.vocab_size()
     return tokenizer.decode_ids([int(i) for i in ids if int(i) < size]).split()
 

@@ -134,7 +134,8 @@ def test_split_sentences_disjoint_and_in_vocabulary():
         held = splits["valid"] + splits["test"]
         assert len(set(held + splits["train"])) == 8
         assert all(w in vocab for s in held for w in s.split())
-        with pytest.raises(ValueError, match="--max-oov"):
+        with pytest.raises(ValueError, match="only 4 sentences in the word range are left "
+                                             "after --n-train 6, --n-valid and --n-test need 5"):
             mc.split_sentences(sentences, 6, 3, 2, 0, random.Random(seed))
 
 
@@ -252,3 +253,62 @@ def test_bundled_opus_files_carry_no_tags_padding(rows):
     for row in rows["train"][:20]:
         data = (CORPUS / row["wav"]).read_bytes()
         assert mc.strip_opus_tags_padding(data) == data, row["wav"]
+
+
+def test_held_out_shortage_advice_is_what_helps():
+    """Too few held-out sentences within the training vocabulary: a small --n-train needs a
+    bigger one (more words), a big one leaves too few sentences out: the advice says which."""
+    import random
+
+    mc = load_script()
+    sentences = mc.read_sentences(CORPUS / "sentences.txt", 4, 12)
+
+    def split(n_train):
+        return mc.split_sentences(sentences, n_train, 120, 200, 2, random.Random(1234),
+                                  oov_rate=0.03)
+
+    with pytest.raises(ValueError, match="raise --n-train") as small:
+        split(100)
+    assert "lower --n-train" not in str(small.value)
+    assert len(split(300)["test"]) == 200  # what the advice says helps
+    with pytest.raises(ValueError, match="lower --n-train") as big:
+        split(len(sentences) - 500)
+    assert "raise --n-train" not in str(big.value)
+    assert len(split(len(sentences) - 1500)["test"]) == 200
+
+
+def test_help_describes_the_script(capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--help"])
+    assert "Synthesize a small English ASR corpus" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--opus-level", "7"], "--opus-level"), (["--workers", "0"], "--workers"),
+    (["--speed", "200", "100"], "--speed 200 100"), (["--pitch", "20", "120"], "--pitch"),
+    (["--oov-rate", "3"], "--oov-rate"), (["--noise-prob", "5"], "--noise-prob"),
+    (["--reverb-prob", "-0.5"], "--reverb-prob"), (["--max-oov", "0"], "--oov-rate"),
+    (["--min-words", "9", "--max-words", "4"], "--min-words"), (["--n-test", "-1"], "--n-test")])
+def test_bad_options_fail_before_the_corpus_is_touched(tmp_path, monkeypatch, bad, option):
+    """--overwrite replaces a corpus only once every option is known to work."""
+    mc = load_script()
+    monkeypatch.setattr(mc, "check_tools", lambda engines: None)
+    monkeypatch.setattr(mc, "probe_voices", lambda engines, tmp: None)
+
+    def synthesize(*args, **kwargs):
+        raise mc.CorpusError("synthesis started")
+
+    monkeypatch.setattr(mc, "synthesize", synthesize)
+    out = tmp_path / "corpus"
+    (out / "audio" / "train").mkdir(parents=True)
+    (out / "audio" / "train" / "tr_00001.ogg").write_bytes(b"audio")
+    (out / "train.csv").write_text("ID,duration,wav,spk_id,wrd\n")
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("THE CAT SAT ON THE MAT\nTHE DOG SAT ON THE CAT\nA CAT SAT ON A DOG\n")
+    before = sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as error:
+        mc.main(["--out", str(out), "--overwrite", "--sentences", str(sentences), "--n-train", "1",
+                 "--n-valid", "0", "--n-test", "1", "--no-real", *bad])
+    assert str(error.value.code).startswith(f"error: {option}")
+    assert sorted((p.relative_to(out), p.is_file() and p.read_bytes())
+                  for p in out.rglob("*")) == before

@@ -126,13 +126,19 @@ def split_sentences(sentences, n_train, n_valid, n_test, max_oov, rng, oov_rate=
     Train takes the first ``n_train`` shuffled sentences. Valid, then test, take remaining
     sentences with at most ``max_oov`` words unseen in train: a sentence with unseen words is
     taken while the split's share of unseen word tokens is below ``oov_rate``, one without
-    while it is not, so each held-out split ends near ``oov_rate``.
+    while it is not, so each held-out split ends near ``oov_rate``. A ValueError says which
+    kind of sentence ran out and which options give more of it.
     """
     pool = list(sentences)
     rng.shuffle(pool)
     train = pool[:n_train]
     if len(train) < n_train:
         raise ValueError(f"only {len(pool)} sentences in the word range, --n-train is {n_train}")
+    if len(pool) - n_train < n_valid + n_test:
+        raise ValueError(f"only {len(pool) - n_train} sentences in the word range are left after "
+                         f"--n-train {n_train}, --n-valid and --n-test need {n_valid + n_test}: "
+                         "lower --n-train, --n-valid or --n-test, or give more sentences "
+                         "(--sentences, --min-words/--max-words)")
     vocab = {w for s in train for w in s.split()}
     candidates = [(s, sum(w not in vocab for w in s.split())) for s in pool[n_train:]]
     candidates = [(s, oov) for s, oov in candidates if oov <= max_oov]
@@ -149,10 +155,21 @@ def split_sentences(sentences, n_train, n_valid, n_test, max_oov, rng, oov_rate=
             tokens += len(sentence.split())
             unseen += oov
         if len(chosen) < count:
+            if unseen < oov_rate * max(tokens, 1):  # it needed sentences with unseen words
+                short = (f"sentences with 1 to {max_oov} words that train lacks, to reach the "
+                         f"OOV rate of {oov_rate:.1%}")
+                advice = ("raise --max-oov, lower --oov-rate, or lower --n-train (more "
+                          "sentences left out of train)")
+            else:  # a small train set has a small vocabulary; a big one leaves few sentences
+                short = "sentences whose words all occur in train"
+                advice = ("raise --n-train (a bigger training vocabulary) or --oov-rate"
+                          if len(pool) - n_train > n_train else
+                          "lower --n-train (more sentences left out of train) or give more "
+                          "sentences (--sentences, --max-words)")
             raise ValueError(
-                f"only {len(chosen)} held-out sentences for {split} with <= {max_oov} "
-                f"out-of-vocabulary words at an OOV rate of {oov_rate:.0%}, need {count}; lower "
-                "--n-train/--n-valid/--n-test or raise --max-oov")
+                f"only {len(chosen)} held-out sentences for {split}, need {count}: too few "
+                f"{short} among the {len(pool) - n_train} sentences left after --n-train "
+                f"{n_train}; {advice}, or lower --n-valid/--n-test")
         held[split] = chosen
     return {"train": train, **held}
 
@@ -393,7 +410,7 @@ def summarize(out_dir, rows_by_split):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES,
                    help="one upper-case sentence per line (default: the bundled list)")
@@ -414,23 +431,52 @@ def parse_args(argv=None):
     p.add_argument("--max-oov", type=int, default=2,
                    help="max words per valid/test sentence that train lacks")
     p.add_argument("--oov-rate", type=float, default=0.03,
-                   help="share of valid/test word tokens that train lacks (0: none)")
+                   help="share of valid/test word tokens that train lacks, a fraction in "
+                        "[0, 1] (default 0.03: 3 %%; 0: none)")
     p.add_argument("--speed", type=int, nargs=2, default=(150, 195), metavar=("MIN", "MAX"),
                    help="espeak-ng words per minute range")
     p.add_argument("--pitch", type=int, nargs=2, default=(25, 75), metavar=("MIN", "MAX"),
                    help="espeak-ng pitch range")
     p.add_argument("--noise-prob", type=float, default=0.4,
-                   help="share of utterances with white noise at 15-35 dB SNR")
+                   help="share of utterances with white noise at 15-35 dB SNR, a fraction "
+                        "in [0, 1]")
     p.add_argument("--reverb-prob", type=float, default=0.3,
-                   help="share of utterances with sox reverberation")
+                   help="share of utterances with sox reverberation, a fraction in [0, 1]")
     p.add_argument("--real-csv", type=Path, default=DEFAULT_REAL_CSV,
                    help="CSV of real 16 kHz recordings (wav relative to it) copied as the "
                         "'real' test set (default: the bundled one)")
     p.add_argument("--no-real", action="store_true", help="do not add a 'real' test set")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="synthesis threads (>= 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing train/valid/test audio in --out")
     return p.parse_args(argv)
+
+
+def check_options(args):
+    """Raises CorpusError naming the first option with a value that cannot work (before any
+    file is read or written)."""
+    counts = {"--n-train": (args.n_train, 1), "--n-valid": (args.n_valid, 0),
+              "--n-test": (args.n_test, 0), "--min-words": (args.min_words, 1),
+              "--max-oov": (args.max_oov, 0), "--workers": (args.workers, 1)}
+    for option, (value, least) in counts.items():
+        if value < least:
+            raise CorpusError(f"{option} must be >= {least}, got {value}")
+    if args.min_words > args.max_words:
+        raise CorpusError(f"--min-words {args.min_words} is above --max-words {args.max_words}")
+    for option, value in (("--oov-rate", args.oov_rate), ("--noise-prob", args.noise_prob),
+                          ("--reverb-prob", args.reverb_prob), ("--opus-level", args.opus_level)):
+        if not 0 <= value <= 1:
+            hint = (" (a fraction: 0.03 for 3 %)" if option != "--opus-level" else
+                    " (libsndfile's Opus compression level; default 0.98)")
+            raise CorpusError(f"{option} must be in [0, 1]{hint}, got {value}")
+    if args.oov_rate > 0 and args.max_oov == 0:
+        raise CorpusError(f"--oov-rate {args.oov_rate} needs held-out sentences with words train "
+                          "lacks: raise --max-oov above 0, or pass --oov-rate 0")
+    for option, (low, high), limits in (("--speed", args.speed, (80, 450)),
+                                        ("--pitch", args.pitch, (0, 99))):
+        if not limits[0] <= low <= high <= limits[1]:
+            raise CorpusError(f"{option} {low} {high}: need MIN <= MAX, both within espeak-ng's "
+                              f"{limits[0]}-{limits[1]}")
 
 
 def main(argv=None):
@@ -442,6 +488,7 @@ def main(argv=None):
 
 
 def make_corpus(args):
+    check_options(args)
     engine_weights = parse_engine_weights(args.engines)
     check_tools(engine_weights)
     from tqdm import tqdm
