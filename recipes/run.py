@@ -179,3 +179,5 @@ def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
     brain.test(tests, wer_name="wer_no_lm" if kind == "S2S" and lm_model is None else "wer")
     run_on_main(export_inference_folder, args=[hparams, kind, tokenizer_file],
                 kwargs={"lm_model": lm_model})
+    if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads may abort it
+        torch.distributed.destroy_process_group()

@@ -231,7 +231,7 @@ def test_tokenizer_from_local_folder(s2s_run, tmp_path):
     reference = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.ckpt"))
     assert tokenizer.encode_as_ids("HELLO") == reference.encode_as_ids("HELLO")
     assert not list((tmp_path / "save").glob("*_unigram.model"))
-    with pytest.raises(RecipeError, match="folder lacks tokenizer.ckpt or lm.ckpt"):
+    with pytest.raises(RecipeError, match="pretrained lacks lm.ckpt"):
         load_pretrained(hp, lm_model=torch.nn.Linear(1, 1))
 
 
