@@ -108,7 +108,10 @@ def route_overrides(path, overrides, free_keys=()):
 
 def _check_type(key, value, default):
     """An override of a True/False key must be True or False (YAML reads ``no`` as a string);
-    one of a number must be a number."""
+    one of a number must be a number, or null (e.g. max_batch_ex: no cap; check_sizes refuses
+    null sizes)."""
+    if value is None and not isinstance(default, bool):
+        return
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RecipeError(f"--{key} takes True or False, got {value!r}")
@@ -131,6 +134,8 @@ def check_sizes(values):
     number of heads."""
     for key in POSITIVE_INTS:
         value = values.get(key)
+        if key in values and value is None:
+            raise RecipeError(f"{key} is null: give a whole number >= 1")
         if value is not None and _is_number(value) and (int(value) != value or value < 1):
             hint = (" (to test a trained run without training: --test_only)"
                     if key == "number_of_epochs" else "")

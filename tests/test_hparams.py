@@ -205,6 +205,7 @@ def test_override_of_a_recipe_value_reaches_every_copy(repo_root, tmp_path):
     ({"number_of_epochs": 0}, "number_of_epochs is 0: .*--test_only"),
     ({"bidirectional": "no"}, "--bidirectional takes True or False, got 'no'"),
     ({"d_state": "big"}, "--d_state takes a number"),
+    ({"d_state": None}, "d_state is null"),
     ({"nhead": 3}, "d_model 512 is not divisible by nhead 3"),
     ({"lm_d_model": 128}, "lm_d_model 128 is not divisible by lm_nhead 12"),
 ])
@@ -214,6 +215,10 @@ def test_sizes_that_cannot_build_a_model_are_refused(overrides, message, repo_ro
     with pytest.raises(RecipeError, match=message):
         load_recipe(str(repo_root / "hparams/S2S/conmamba_large.yaml"),
                     {"output_folder": str(tmp_path), "data_folder": str(tmp_path), **overrides})
+
+
+def test_null_is_a_value_for_number_keys_that_take_it(repo_root, tmp_path):
+    assert _tiny(repo_root, tmp_path, max_batch_ex=None)["max_batch_ex"] is None  # no cap
 
 
 def test_attention_heads_only_checked_where_attention_is_used(repo_root, tmp_path):
