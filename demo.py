@@ -35,6 +35,7 @@ import sys
 import time
 
 from recipes import RecipeError, manifest, run_cli
+from recipes.run_settings import RECORD
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(REPO, "data", "mini_corpus")
@@ -58,7 +59,7 @@ MARKER = "demo_output.txt"
 # besides wer_<set>.txt / cer_<set>.txt; .DS_Store: macOS Finder's
 DEMO_NAMES = frozenset({
     MARKER, "summary.json", "hyperparams.yaml", "train_log.txt", "log.txt", "env.log",
-    "run_settings.json", "train_CTC.py", "run.py", "save", "inference", "inference_cache",
+    RECORD, "train_CTC.py", "run.py", "save", "inference", "inference_cache",
     "quick_data", "tensorboard", ".DS_Store"})
 DEMO_RATE_FILE = re.compile(r"[wc]er_[\w.-]+\.txt")
 # a finished run of a demo.py older than MARKER holds these
@@ -182,7 +183,7 @@ def warmup_steps(args, train_rows, out):
     warm-up below their steps, as train_CTC.py requires. --resume takes the one recorded in
     out, so that more --epochs continue the run."""
     hparams = STREAMING_HPARAMS if args.streaming else HPARAMS
-    record = os.path.join(out, "run_settings.json")
+    record = os.path.join(out, RECORD)
     if args.resume and os.path.isfile(record):
         try:
             with open(record) as f:

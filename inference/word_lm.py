@@ -16,7 +16,6 @@ plus word_score per word; ``ctc_lm.json`` in the folder records the kind and the
 """
 
 import collections
-import contextlib
 import json
 import math
 import os
@@ -24,8 +23,11 @@ import tempfile
 
 from inference.model_folder import TranscriberError
 from recipes import RecipeError
+from recipes.atomic import replace_atomically  # an interrupted build keeps the previous LM
 
 LEXICON, ARPA, TOKEN_ARPA = "lexicon.txt", "word_lm.arpa", "token_lm.arpa"
+NO_FLASHLIGHT = ("LM decoding needs flashlight-text: pip install -r requirements-lm.txt (or "
+                 "decode without the LM)")
 SETTINGS = "ctc_lm.json"  # {"kind": "token" | "lexicon", "lm_weight": w, "word_score": s}
 LM_KINDS = ("token", "lexicon")
 DEFAULT_ORDER = {"token": 6, "lexicon": 3}
@@ -76,26 +78,12 @@ def has_word_lm(folder):
     return lm_settings(folder) is not None
 
 
-@contextlib.contextmanager
-def _replace_atomically(path):
-    """A text file opened for writing beside ``path`` that replaces it once complete: an
-    interrupted build leaves the previous LM intact, never a truncated one."""
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_lexicon(words, tokenizer, path):
     """One line per word: WORD piece piece ... (the tokenizer's spelling, without a standalone
     word-start piece: that one is the decoder's silence between words). Words that the
     tokenizer can only spell with its unknown piece are left out; returns how many were."""
     skipped = 0
-    with _replace_atomically(path) as f:
+    with replace_atomically(path) as f:
         for word in sorted(words):
             ids = tokenizer.encode(word)
             if not ids or tokenizer.unk_id() in ids:
@@ -214,7 +202,7 @@ def build_word_lm(sentences, tokenizer, folder, order=3):
     """Writes lexicon.txt and word_lm.arpa into folder; returns (words, words skipped)."""
     words = {w for s in sentences for w in s}
     skipped = write_lexicon(words, tokenizer, os.path.join(folder, LEXICON))
-    with _replace_atomically(os.path.join(folder, ARPA)) as f:
+    with replace_atomically(os.path.join(folder, ARPA)) as f:
         f.write(build_arpa(sentences, order))
     return len(words), skipped
 
@@ -231,14 +219,14 @@ def build_token_lm(sentences, tokenizer, folder, order=6):
     """Writes token_lm.arpa: an n-gram LM over the tokenizer's pieces of each sentence
     (token_lm_pieces); returns the number of sentences."""
     pieces = [token_lm_pieces(tokenizer, words) for words in sentences if words]
-    with _replace_atomically(os.path.join(folder, TOKEN_ARPA)) as f:
+    with replace_atomically(os.path.join(folder, TOKEN_ARPA)) as f:
         f.write(build_arpa(pieces, order))
     return len(pieces)
 
 
 def write_lm_settings(folder, kind, lm_weight, word_score=0.0):
     """Records which LM the folder's decoder uses and with which weights."""
-    with _replace_atomically(os.path.join(folder, SETTINGS)) as f:
+    with replace_atomically(os.path.join(folder, SETTINGS)) as f:
         json.dump({"kind": kind, "lm_weight": lm_weight, "word_score": word_score}, f, indent=1)
 
 
@@ -292,8 +280,7 @@ def _load_decoder(ctc_decoder, folder, kind, **options):
         return ctc_decoder(**options)
     except RuntimeError as err:
         if "flashlight" in str(err).lower():
-            raise RecipeError("LM decoding needs flashlight-text: pip install -r "
-                              "requirements-lm.txt (or decode without the LM)") from err
+            raise RecipeError(NO_FLASHLIGHT) from err
         files = TOKEN_ARPA if kind == "token" else f"{LEXICON} and {ARPA}"
         raise RecipeError(f"The CTC LM in {folder} cannot be loaded ({files}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}); "
@@ -312,8 +299,7 @@ class CTCLMDecoder:
         try:
             from torchaudio.models.decoder import ctc_decoder
         except (ImportError, RuntimeError) as err:  # no flashlight-text (RuntimeError: 2.11)
-            raise RecipeError("LM decoding needs flashlight-text: pip install -r "
-                              "requirements-lm.txt (or decode without the LM)") from err
+            raise RecipeError(NO_FLASHLIGHT) from err
         settings = lm_settings(folder)
         if settings is None:
             raise RecipeError(f"{folder} has no CTC LM ({TOKEN_ARPA}, or {LEXICON} and {ARPA}); "

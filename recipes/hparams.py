@@ -115,9 +115,7 @@ def _check_type(key, value, default):
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RecipeError(f"--{key} takes True or False, got {value!r}")
-    elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-        raise RecipeError(f"--{key} takes a number (default {default}), got {value!r}")
-    elif isinstance(default, (int, float)) and isinstance(value, bool):
+    elif _is_number(default) and not _is_number(value):
         raise RecipeError(f"--{key} takes a number (default {default}), got {value!r}")
 
 
@@ -140,10 +138,9 @@ def check_sizes(values):
             hint = (" (to test a trained run without training: --test_only)"
                     if key == "number_of_epochs" else "")
             raise RecipeError(f"{key} is {value}: give a whole number >= 1{hint}")
-    for key in ("num_decoder_layers",):
-        value = values.get(key)
-        if value is not None and _is_number(value) and (int(value) != value or value < 0):
-            raise RecipeError(f"{key} is {value}: give a whole number >= 0")
+    layers = values.get("num_decoder_layers")
+    if _is_number(layers) and (int(layers) != layers or layers < 0):
+        raise RecipeError(f"num_decoder_layers is {layers}: give a whole number >= 0")
     expand = values.get("expand")
     if expand is not None and _is_number(expand) and expand <= 0:
         raise RecipeError(f"expand is {expand}: give a number > 0 (d_inner = expand * d_model)")

@@ -8,6 +8,7 @@ import csv
 import os
 
 from recipes import RecipeError
+from recipes.atomic import replace_atomically
 
 HEADER = ("ID", "duration", "wav", "spk_id", "wrd")
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")  # spk_id is optional
@@ -23,12 +24,10 @@ def write_manifest(path, rows):
     parent = os.path.dirname(str(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replace_atomically(path, newline="") as f:  # no half-written manifest if interrupted
         writer = csv.DictWriter(f, fieldnames=HEADER, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)  # no half-written manifest if interrupted
     return str(path)
 
 

@@ -14,6 +14,7 @@ import json
 import os
 
 from recipes import RecipeError
+from recipes.atomic import replace_atomically
 from recipes.device import PRESETS
 
 RECORD = "run_settings.json"
@@ -85,8 +86,5 @@ def check_same_run(hparams, testing_only=False):
 def record_run(hparams):
     """Writes the recipe's plain values to <output_folder>/run_settings.json (main process, by a
     run that trains: a test-only run leaves the record of the run that made the checkpoints)."""
-    path = os.path.join(hparams["output_folder"], RECORD)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with replace_atomically(os.path.join(hparams["output_folder"], RECORD)) as f:
         json.dump(run_settings(hparams), f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
