@@ -309,6 +309,87 @@ def test_bad_options_fail_before_the_corpus_is_touched(tmp_path, monkeypatch, ba
     with pytest.raises(SystemExit) as error:
         mc.main(["--out", str(out), "--overwrite", "--sentences", str(sentences), "--n-train", "1",
                  "--n-valid", "0", "--n-test", "1", "--no-real", *bad])
-    assert str(error.value.code).startswith(f"error: {option}")
+    assert str(error.value.code).startswith(f"ERROR: {option}")
     assert sorted((p.relative_to(out), p.is_file() and p.read_bytes())
                   for p in out.rglob("*")) == before
+
+
+def _old_corpus(tmp_path):
+    """A corpus folder with one file per split, a real set and a file of the user's."""
+    out = tmp_path / "corpus"
+    for split in ("train", "valid", "test", "real"):
+        (out / "audio" / split).mkdir(parents=True)
+        (out / "audio" / split / "old.ogg").write_bytes(b"old " + split.encode())
+        (out / f"{split}.csv").write_text(f"ID,duration,wav,spk_id,wrd\nold,1.0,audio/{split}/old.ogg,x,A\n")
+    (out / "notes.txt").write_text("mine")
+    sentences = tmp_path / "s.txt"  # every word in every sentence: any one can be train
+    sentences.write_text("THE CAT SAT ON THE MAT\nTHE MAT SAT ON THE CAT\nON THE MAT THE CAT SAT\n")
+    return out, sentences
+
+
+def _snapshot(out):
+    return sorted((p.relative_to(out).as_posix(), p.is_file() and p.read_bytes())
+                  for p in out.rglob("*"))
+
+
+def _fake_synthesis(mc, monkeypatch, fail_on=None):
+    """synthesize() that writes a small file, or fails like a crashed engine on job ``fail_on``."""
+    monkeypatch.setattr(mc, "check_tools", lambda engines: None)
+    monkeypatch.setattr(mc, "probe_voices", lambda engines, tmp: None)
+
+    def synthesize(job, out_dir, fmt, opus_level, tmp_dir):
+        if job["ID"] == fail_on:
+            mc.run(["sh", "-c", "echo 'voice crashed' >&2; exit 3"])
+        rel = f"audio/{job['split']}/{job['ID']}.ogg"
+        (out_dir / rel).write_bytes(b"new")
+        return {"ID": job["ID"], "duration": "1.000", "wav": rel, "spk_id": "espeak:en+m1",
+                "wrd": job["wrd"]}
+
+    monkeypatch.setattr(mc, "synthesize", synthesize)
+
+
+def test_failed_synthesis_leaves_the_old_corpus_unchanged(tmp_path, monkeypatch):
+    """A synthesis error after --overwrite: the old corpus stays byte for byte, no half-made
+    folder is left, and the message names the failing command and its stderr."""
+    mc = load_script()
+    _fake_synthesis(mc, monkeypatch, fail_on="te_00001")
+    out, sentences = _old_corpus(tmp_path)
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as error:
+        mc.main(["--out", str(out), "--overwrite", "--sentences", str(sentences), "--n-train", "1",
+                 "--n-valid", "0", "--n-test", "1", "--no-real", "--oov-rate", "0"])
+    message = str(error.value.code)
+    assert message.startswith("ERROR: sh -c") and "failed (3): voice crashed" in message
+    assert f"Nothing in {out} was changed" in message
+    assert _snapshot(out) == before
+
+
+def test_overwrite_replaces_the_splits_it_makes_and_nothing_else(tmp_path, monkeypatch):
+    mc = load_script()
+    _fake_synthesis(mc, monkeypatch)
+    out, sentences = _old_corpus(tmp_path)
+    mc.main(["--out", str(out), "--overwrite", "--sentences", str(sentences), "--n-train", "1",
+             "--n-valid", "0", "--n-test", "1", "--no-real", "--oov-rate", "0"])
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert not any(n.startswith(mc.STAGING) for n in names)
+    assert {n for n in names if n.startswith("audio/") and n.count("/") == 2} == {
+        "audio/train/tr_00001.ogg", "audio/test/te_00001.ogg", "audio/real/old.ogg"}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "real.csv").read_text().splitlines()[1].startswith("old,")  # --no-real keeps it
+    assert (out / "valid.csv").read_text() == "ID,duration,wav,spk_id,wrd\n"
+    train = list(csv.DictReader(open(out / "train.csv")))
+    assert [r["wav"] for r in train] == ["audio/train/tr_00001.ogg"]
+
+
+def test_missing_real_recording_is_named(tmp_path, monkeypatch):
+    mc = load_script()
+    _fake_synthesis(mc, monkeypatch)
+    out, sentences = _old_corpus(tmp_path)
+    real = tmp_path / "real.csv"
+    real.write_text("ID,duration,wav,spk_id,wrd\nr1,1.0,gone.wav,me,hello\n")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as error:
+        mc.main(["--out", str(out), "--overwrite", "--sentences", str(sentences), "--n-train", "1",
+                 "--n-valid", "0", "--n-test", "1", "--real-csv", str(real), "--oov-rate", "0"])
+    assert "gone.wav (row r1) not found" in str(error.value.code)
+    assert _snapshot(out) == before

@@ -2,10 +2,13 @@
 causal models built from hparams/CTC/demo_streaming.yaml: streamed log-probabilities equal the
 whole-utterance ones, whatever the piece sizes."""
 
+import importlib.util
 import io
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import soundfile
@@ -274,3 +277,24 @@ def test_cli_stream_goes_on_after_a_file_that_does_not_decode(streaming_dir, spe
     assert out == "" and err.startswith(f"ERROR: Cannot read audio {bad}")
     with pytest.raises(TranscriberError, match="piece length must be > 0 and finite"):
         stream_files(None, [speech_file], math.inf)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+@pytest.mark.parametrize("numba_env, loads", [(None, True), ("0", False)])
+def test_streaming_transcriber_loads_the_compiled_kernels_up_front(streaming_dir, numba_env,
+                                                                   loads):
+    """A stream's pieces never load the CPU kernels lazily (they continue a state): the
+    transcriber loads them before the first piece, unless MAMBA_SCAN_NUMBA=0. A fresh process:
+    this one may have loaded them already."""
+    env = {k: v for k, v in os.environ.items() if k != "MAMBA_SCAN_NUMBA"}
+    if numba_env is not None:
+        env["MAMBA_SCAN_NUMBA"] = numba_env
+    code = ("import sys; from inference.streaming import StreamingTranscriber; "
+            "from modules.mamba import scan_cpu; "
+            "StreamingTranscriber.from_folder(sys.argv[1], device='cpu'); "
+            "print('kernels', sorted(scan_cpu._KERNELS))")
+    result = subprocess.run([sys.executable, "-c", code, streaming_dir], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert ("'forward'" in last) == loads, last

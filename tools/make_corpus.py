@@ -62,6 +62,7 @@ FORMATS = {"ogg": ("ogg", "OGG", "OPUS"), "flac": ("flac", "FLAC", "PCM_16"),
 SPLIT_PREFIX = {"train": "tr", "valid": "va", "test": "te"}
 SAMPLE_RATE = 16000
 HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
+STAGING = ".make_corpus_new"  # folder in --out where a run builds the new corpus
 WORD_RE = re.compile(r"^[A-Z']+$")
 
 
@@ -356,7 +357,8 @@ def strip_opus_tags_padding(data):
 def run(cmd):
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+        raise CorpusError(f"{' '.join(cmd)} failed ({result.returncode}): "
+                          f"{result.stderr.strip()}")
 
 
 def copy_real(real_csv, out_dir):
@@ -369,6 +371,9 @@ def copy_real(real_csv, out_dir):
     with open(real_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             src = real_csv.parent / row["wav"]
+            if not src.is_file():
+                raise CorpusError(f"{real_csv}: recording {src} (row {row['ID']}) not found; fix "
+                                  "the CSV, or pass --no-real")
             target = dest / src.name
             if src.resolve() != target.resolve():
                 shutil.copyfile(src, target)
@@ -484,7 +489,7 @@ def main(argv=None):
     try:
         make_corpus(args)
     except (CorpusError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"ERROR: {e}")
 
 
 def make_corpus(args):
@@ -507,28 +512,48 @@ def make_corpus(args):
                              rng, oov_rate=args.oov_rate)
     jobs = plan_utterances(splits, engine_weights, args.speed, args.pitch, rng,
                            noise_prob=args.noise_prob, reverb_prob=args.reverb_prob)
-    real_rows = None
-    with tempfile.TemporaryDirectory() as tmp:
-        probe_voices(engine_weights, tmp)
-        if not args.no_real:  # read before the folders are replaced (it may live in --out)
-            real_rows = copy_real(args.real_csv, out)
-        for split in SPLIT_PREFIX:
-            shutil.rmtree(out / "audio" / split, ignore_errors=True)
-            (out / "audio" / split).mkdir(parents=True)
-        with ThreadPoolExecutor(args.workers) as pool:
-            work = partial(synthesize, out_dir=out, fmt=args.format,
-                           opus_level=args.opus_level, tmp_dir=tmp)
-            rows = list(tqdm(pool.map(work, jobs), total=len(jobs), desc="synthesizing",
-                             unit="utt"))
-
-    rows_by_split = {split: [r for r in rows if r["ID"].startswith(prefix + "_")]
-                     for split, prefix in SPLIT_PREFIX.items()}
-    if real_rows is not None:
-        rows_by_split["real"] = real_rows
-    for split, split_rows in rows_by_split.items():
-        write_csv(out / f"{split}.csv", split_rows)
+    staging = out / STAGING  # the new corpus, moved into place once it is complete
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe_voices(engine_weights, tmp)
+            rows_by_split = {}
+            for split in SPLIT_PREFIX:
+                (staging / "audio" / split).mkdir(parents=True)
+            with ThreadPoolExecutor(args.workers) as pool:
+                work = partial(synthesize, out_dir=staging, fmt=args.format,
+                               opus_level=args.opus_level, tmp_dir=tmp)
+                rows = list(tqdm(pool.map(work, jobs), total=len(jobs), desc="synthesizing",
+                                 unit="utt"))
+        for split, prefix in SPLIT_PREFIX.items():
+            rows_by_split[split] = [r for r in rows if r["ID"].startswith(prefix + "_")]
+        if not args.no_real:
+            rows_by_split["real"] = copy_real(args.real_csv, staging)
+        for split, split_rows in rows_by_split.items():
+            write_csv(staging / f"{split}.csv", split_rows)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, (CorpusError, ValueError)):
+            raise CorpusError(f"{e}\nNothing in {out} was changed.") from e
+        raise
+    replace_splits(staging, out, list(rows_by_split))
     summarize(out, rows_by_split)
 
+
+def replace_splits(staging, out, splits):
+    """Move each split's CSV and audio folder from ``staging`` into ``out`` (replacing the old
+    ones), then remove ``staging``; other files in ``out`` are left alone."""
+    old = staging / "old"
+    old.mkdir()
+    for split in splits:
+        for name in (f"{split}.csv", f"audio/{split}"):
+            target = out / name
+            if target.exists():
+                (old / name).parent.mkdir(parents=True, exist_ok=True)
+                target.rename(old / name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).rename(target)
+    shutil.rmtree(staging)
 
 if __name__ == "__main__":
     main()

@@ -782,6 +782,13 @@ def anticipate_cpu_scans(x, state_updates):
         scan_cpu.anticipate(state_updates)
 
 
+def load_cpu_kernels(x):
+    """Loads the compiled CPU kernels now (when available) if scans of activations like x run
+    the torch backend on CPU: for callers whose scans are latency-bound and never count towards
+    the lazy loading, such as a live stream (scan_cpu.usable_for's ``continuing``)."""
+    anticipate_cpu_scans(x, scan_cpu.LOAD_AFTER)
+
+
 def _common_dtype(*tensors):
     dtype = tensors[0].dtype
     for t in tensors[1:]:
