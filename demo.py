@@ -35,6 +35,7 @@ import sys
 import time
 
 from recipes import RecipeError, manifest, run_cli
+from recipes.hparams import yaml_int
 from recipes.run_settings import RECORD
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -170,10 +171,10 @@ def prepare_output_folder(out, resume):
                         "--output-folder") from e
 
 
-def hparams_value(path, key):
+def hparams_value(path, key, top_level=False):
     """The integer value of key in a hparams YAML file (its first `key: <int>` line)."""
     with open(path) as f:
-        return int(re.search(rf"^\s*{key}: (\d+)", f.read(), re.M).group(1))
+        return yaml_int(f.read(), key, top_level)
 
 
 def warmup_steps(args, train_rows, out):
@@ -477,8 +478,8 @@ def main(argv=None):
         raise training_failed(out)
     train_seconds = time.time() - t0
 
-    with open(os.path.join(out, "hyperparams.yaml")) as f:
-        epochs = int(re.search(r"^number_of_epochs: (\d+)", f.read(), re.M).group(1))
+    epochs = hparams_value(os.path.join(out, "hyperparams.yaml"), "number_of_epochs",
+                           top_level=True)
     inference = os.path.join(out, "inference")
     # then transcribe.py and the Transcriber decode with the token LM by default
     word_lm = try_add_ctc_lm(inference, args.corpus)

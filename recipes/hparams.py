@@ -32,6 +32,14 @@ from recipes.device import PRESETS
 RECIPE_BLOCK = "recipe_hparams"  # the recipes' anchored block of values (see above)
 
 
+def yaml_int(text, key, top_level=False):
+    """The integer of the first ``key: <int>`` line of YAML text (a trailing comment allowed;
+    indented too unless top_level), or None: a plain value read without building anything."""
+    indent = "" if top_level else r"[ \t]*"
+    match = re.search(rf"^{indent}{re.escape(key)}:[ \t]*(\d+)[ \t]*(?:#.*)?$", text, re.M)
+    return None if match is None else int(match.group(1))
+
+
 def _read_tree(path):
     with open(path) as f:
         return ruamel.yaml.YAML().load(f) or {}

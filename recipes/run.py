@@ -12,7 +12,7 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from modules.mamba.scan import describe_backend
+from modules.mamba.scan import describe_backend, load_cpu_kernels
 from recipes import RecipeError
 from recipes.check_data import check_before_training, flag_argv
 from recipes.device import RUN_OPTION_KEYS, resolve_device
@@ -61,6 +61,11 @@ def setup(argv, kind, mps_note=None):
             lines.append(f"  {describe_backend(device)}")
         except ValueError as err:  # a forced backend (MAMBA_SCAN_BACKEND) that cannot run here
             raise RecipeError(str(err)) from err
+        # Every scan of the run on the compiled CPU kernels, as training's: else validation or
+        # testing before the first training step (a resumed or --test_only run) would run the
+        # pure-PyTorch scan and differ from an uninterrupted run in the last digits.
+        if torch.device(device).type == "cpu":
+            load_cpu_kernels(torch.zeros(1))
     lines += [f"  {mps_note}"] if mps_note else []
     lines.append(f"  output folder: {hparams['output_folder']}")
     if if_main_process():

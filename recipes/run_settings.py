@@ -32,7 +32,14 @@ RESUMABLE = frozenset({
     "experiment", "output_folder", "output_wer_folder", "save_folder", "train_log",
     "tensorboard_folder", "inference_folder",
 })
-TESTING_ONLY = frozenset({"no_lm"})  # also free when a run only tests (decoding without its LM)
+# also free when a run only tests: decoding without its LM, and what only training reads
+TESTING_ONLY = frozenset({
+    "no_lm", "train_csv", "train_splits", "valid_csv", "dev_splits", "sorting", "shuffle",
+    "batch_ordering", "num_bucket", "max_batch_length_train", "max_batch_ex", "seed",
+    "lr_model", "lr_adam", "lr_peak", "n_warmup_steps", "weight_decay", "max_grad_norm",
+    "label_smoothing", "ctc_weight", "inter_ctc_weight", "inter_ctc_layer", "transformer_dropout",
+    "cnn_dropout", "speed_perturb_per",
+})
 
 
 def _plain(value):
@@ -56,7 +63,8 @@ def _has_checkpoints(hparams):
 def check_same_run(hparams, testing_only=False):
     """Raises RecipeError when hparams["output_folder"] holds checkpoints of a run recorded with
     other settings (see the module docstring). A folder without a record is not checked.
-    testing_only (--test_only, skip_train): the TESTING_ONLY keys may change as well."""
+    testing_only (--test_only, skip_train): the TESTING_ONLY keys may change as well (a
+    re-test need not repeat the training options)."""
     folder = hparams["output_folder"]
     path = os.path.join(folder, RECORD)
     if not (os.path.isfile(path) and _has_checkpoints(hparams)):

@@ -10,6 +10,7 @@ from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.parameter_transfer import Pretrainer
 
 from recipes import RecipeError
+from recipes.hparams import yaml_int
 
 
 def train_tokenizer(hparams):
@@ -77,8 +78,8 @@ def _check_lm_sizes(hparams, source):
         return
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    recorded = {k: int(m.group(1)) for k in LM_SIZE_KEYS
-                if (m := re.search(rf"^{k}: *(\d+)\s*(?:#.*)?$", text, re.M))}
+    recorded = {k: v for k in LM_SIZE_KEYS
+                if (v := yaml_int(text, k, top_level=True)) is not None}
     wrong = [k for k, v in recorded.items() if hparams.get(k) is not None and hparams[k] != v]
     if wrong:
         raise RecipeError(

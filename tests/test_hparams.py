@@ -246,3 +246,16 @@ def test_a_value_left_for_the_command_line_is_asked_for(repo_root, tmp_path):
     with pytest.raises(RecipeError, match="has no value for data_folder: give --data_folder"):
         load_recipe(str(repo_root / "hparams/S2S/conmamba_large.yaml"),
                     {"output_folder": str(tmp_path)})
+
+
+def test_yaml_int_reads_plain_integers_only():
+    from recipes.hparams import yaml_int
+
+    text = ("block:\n  n_warmup_steps: 150\nnumber_of_epochs: 7  # comment\nlm_d_model: 12 \n"
+            "lr: 3.5\nd_state: !ref <x>\n")
+    assert yaml_int(text, "n_warmup_steps") == 150
+    assert yaml_int(text, "n_warmup_steps", top_level=True) is None
+    assert yaml_int(text, "number_of_epochs", top_level=True) == 7
+    assert yaml_int(text, "lm_d_model", top_level=True) == 12
+    assert yaml_int(text, "lr") is None and yaml_int(text, "d_state") is None
+    assert yaml_int("lm_d_model2: 5\n", "lm_d_model") is None

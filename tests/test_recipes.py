@@ -3,7 +3,9 @@
 Data: a few rows of the bundled corpus (data/mini_corpus), else of ../shared/data/real_speech.
 """
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +159,21 @@ def test_outputs_and_settings(ctc_run):
     from modules.mamba import scan_cpu
     label = "compiled CPU scan (numba kernels)" if scan_cpu.available() else "pure-PyTorch scan"
     assert f"Mamba selective scan: {label}" in stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+def test_testing_only_runs_the_scan_that_training_runs(ctc_run, corpus, csvs, tmp_path):
+    """A run that evaluates before (or without) a training step scans on the compiled CPU
+    kernels as training does, so its figures equal those of an uninterrupted run."""
+    out = tmp_path / "out"
+    shutil.copytree(ctc_run["out"], out)
+    (out / "log.txt").unlink()
+    run("train_CTC.py", "hparams/CTC/tiny.yaml", out, csvs, "--batch_size", "4",
+        "--ckpt_interval_steps", "1", "--check_data", "False", "--test_only",
+        env={"MAMBA_SCAN_NUMBA": ""})
+    log = (out / "log.txt").read_text()
+    used = re.findall(r"Mamba selective scan: using the (.*?) \(backend", log)
+    assert used == ["compiled CPU scan (numba kernels)"]
 
 
 def test_exported_ctc_model_transcribes(ctc_run, tmp_path):

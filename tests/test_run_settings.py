@@ -23,6 +23,12 @@ def test_only_changed_settings_that_matter_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="no_lm: False there, True now"):
         check_same_run(_run(tmp_path, no_lm=True))
     check_same_run(_run(tmp_path, no_lm=True), testing_only=True)  # testing without the LM
+    check_same_run(_run(tmp_path, sorting="random", lr_model=0.01, train_csv="other.csv"),
+                   testing_only=True)  # training options a re-test need not repeat
+    with pytest.raises(RecipeError, match="sorting: None there, 'random' now"):
+        check_same_run(_run(tmp_path, sorting="random"))
+    with pytest.raises(RecipeError, match="d_state: 16 there, 8 now"):
+        check_same_run(_run(tmp_path, d_state=8, sorting="random"), testing_only=True)
     (tmp_path / "run_settings.json").write_text("{not json")
     with pytest.raises(RecipeError, match="Cannot read .*run_settings.json"):
         check_same_run(_run(tmp_path))
