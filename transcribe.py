@@ -43,7 +43,7 @@ def parse_args(argv):
                              "S2S: beam width (default: the model's test_beam_size)")
     parser.add_argument("--no-lm", action="store_true",
                         help="decode without the folder's language model (S2S: lm.ckpt; CTC: "
-                             "the n-gram LM from `python -m tools.make_word_lm`)")
+                             "the n-gram LM from `python -m inference.make_word_lm`)")
     parser.add_argument("--lm-weight", type=float, default=None,
                         help="CTC LM: weight of the LM log-probability (default: the folder's "
                              "ctc_lm.json, tuned when the LM was added)")

@@ -7,7 +7,7 @@
 
 Decoding is SpeechBrain's: EncoderASR (CTC: greedy by default, prefix beam search with
 beam_size > 1) or EncoderDecoderASR (S2S: joint CTC/attention beam search, + the exported LM).
-A CTC folder with an n-gram LM (`python -m tools.make_word_lm`) is decoded with it instead
+A CTC folder with an n-gram LM (`python -m inference.make_word_lm`) is decoded with it instead
 (inference.word_lm: lexicon-free beam search with a token LM, or lexicon-constrained with a word
 LM).
 Any sample rate is resampled to the model's and channels are averaged; audio shorter than the
@@ -29,7 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from inference.model_folder import REEXPORT, TranscriberError, check_hyperparams
-from modules.mamba.scan import anticipate_cpu_scans
+from modules.mamba import Mamba
+from modules.mamba.scan import anticipate_cpu_scans, describe_backend
 from recipes.audio import AudioError, check_audio, load_audio, to_float, to_mono
 from recipes.export import exported_kind
 
@@ -216,7 +217,7 @@ class Transcriber:
                                    "ctc_partial options are for S2S models")
         if kind == "CTC":
             has_lm = has_word_lm(model_dir)
-            missing = ("a CTC LM (make one with `python -m tools.make_word_lm` MODEL_DIR "
+            missing = ("a CTC LM (make one with `python -m inference.make_word_lm` MODEL_DIR "
                        "TEXT)")
         else:
             has_lm = _s2s_has_lm(model_dir)
@@ -241,6 +242,11 @@ class Transcriber:
                     raise
                 raise TranscriberError(f"{damaged[0]} is damaged: it cannot be read as "
                                        f"{damaged[1]}; {REEXPORT}") from None
+        if any(isinstance(m, Mamba) for m in asr.mods.modules()):
+            try:  # a forced MAMBA_SCAN_BACKEND that cannot run here: now, not at the first scan
+                describe_backend(device)
+            except ValueError as e:
+                raise TranscriberError(str(e)) from None
         word_lm = None
         if kind == "CTC" and has_lm and use_lm is not False:
             word_lm = CTCLMDecoder(model_dir, asr.tokenizer, asr.hparams.blank_index,
@@ -415,10 +421,10 @@ def _check_lm_options(model_dir, kind, has_lm, use_lm, lm_weight, word_score):
     given = "lm_weight / word_score (transcribe.py --lm-weight / --word-score)"
     if kind != "CTC":
         raise TranscriberError(f"{model_dir} holds an S2S model: {given} are for the n-gram LM "
-                               "of a CTC model (tools.make_word_lm)")
+                               "of a CTC model (inference.make_word_lm)")
     if not has_lm:
         raise TranscriberError(f"{model_dir} has no CTC LM for {given} to weigh; make one with "
-                               "`python -m tools.make_word_lm` MODEL_DIR TEXT, or drop them")
+                               "`python -m inference.make_word_lm` MODEL_DIR TEXT, or drop them")
     if use_lm is False:
         raise TranscriberError(f"{given} weigh the LM, which use_lm=False (--no-lm) leaves out; "
                                "drop one or the other")

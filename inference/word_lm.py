@@ -6,7 +6,7 @@
 - ``lexicon``: ``lexicon.txt`` (each word spelled with the model's tokenizer pieces) and a word
   n-gram LM (``word_lm.arpa``): only lexicon words come out, so a new word is always an error.
 
-    python -m tools.make_word_lm MODEL_DIR text.txt --exclude test.csv   # token LM (default)
+    python -m inference.make_word_lm MODEL_DIR text.txt --exclude test.csv   # token LM (default)
     Transcriber.from_folder(MODEL_DIR)                                   # then uses it
 
 The LMs are back-off n-gram models (absolute discounting with Ney's discount per order).
@@ -16,6 +16,7 @@ plus word_score per word; ``ctc_lm.json`` in the folder records the kind and the
 """
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from recipes import RecipeError
 from recipes.atomic import replace_atomically  # an interrupted build keeps the previous LM
 
 LEXICON, ARPA, TOKEN_ARPA = "lexicon.txt", "word_lm.arpa", "token_lm.arpa"
+LM_FILES = {"token": (TOKEN_ARPA,), "lexicon": (LEXICON, ARPA)}
 NO_FLASHLIGHT = ("LM decoding needs flashlight-text: pip install -r requirements-lm.txt (or "
                  "decode without the LM)")
 SETTINGS = "ctc_lm.json"  # {"kind": "token" | "lexicon", "lm_weight": w, "word_score": s}
@@ -47,26 +49,26 @@ def lm_settings(folder):
                 settings = json.load(f)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise TranscriberError(f"{path} is damaged ({e}); rebuild the LM with `python -m "
-                                   "tools.make_word_lm`, or delete the file to decode without "
+                                   "inference.make_word_lm`, or delete the file to decode without "
                                    "it") from e
         if not isinstance(settings, dict):
             raise TranscriberError(f"{path} is damaged (not a JSON object); rebuild the LM with "
-                                   "`python -m tools.make_word_lm`")
+                                   "`python -m inference.make_word_lm`")
         for key in DEFAULT_WEIGHTS:
             value = settings.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value):
                 raise TranscriberError(f"{path}: {key} must be a finite number, got {value!r}; "
-                                       "rebuild the LM with `python -m tools.make_word_lm`")
+                                       "rebuild the LM with `python -m inference.make_word_lm`")
         if settings.get("kind") not in LM_KINDS:
             raise RecipeError(f"{path}: kind must be one of {LM_KINDS}, got "
                               f"{settings.get('kind')!r}; rebuild it with "
-                              "`python -m tools.make_word_lm`")
+                              "`python -m inference.make_word_lm`")
         files = [TOKEN_ARPA] if settings["kind"] == "token" else [LEXICON, ARPA]
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             raise RecipeError(f"{path} names a {settings['kind']} LM but {', '.join(missing)} "
-                              "is missing; rebuild it with `python -m tools.make_word_lm`")
+                              "is missing; rebuild it with `python -m inference.make_word_lm`")
         return {**DEFAULT_WEIGHTS, **settings}
     if all(os.path.isfile(os.path.join(folder, name)) for name in (LEXICON, ARPA)):
         return {"kind": "lexicon", **DEFAULT_WEIGHTS}
@@ -263,6 +265,9 @@ def add_ctc_lm(model_dir, sources, kind="token", order=None, exclude=(), column=
     if lm_weight is None:
         lm_weight = 0.5 if kind == "token" else DEFAULT_WEIGHTS["lm_weight"]
     write_lm_settings(model_dir, kind, lm_weight, word_score)
+    for name in LM_FILES[LM_KINDS[1 - LM_KINDS.index(kind)]]:  # the other kind's, now unused
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(model_dir, name))
     return report
 
 
@@ -284,7 +289,7 @@ def _load_decoder(ctc_decoder, folder, kind, **options):
         files = TOKEN_ARPA if kind == "token" else f"{LEXICON} and {ARPA}"
         raise RecipeError(f"The CTC LM in {folder} cannot be loaded ({files}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}); "
-                          "rebuild it with `python -m tools.make_word_lm` MODEL_DIR TEXT, or "
+                          "rebuild it with `python -m inference.make_word_lm` MODEL_DIR TEXT, or "
                           "decode without it (--no-lm)") from err
 
 
@@ -303,7 +308,7 @@ class CTCLMDecoder:
         settings = lm_settings(folder)
         if settings is None:
             raise RecipeError(f"{folder} has no CTC LM ({TOKEN_ARPA}, or {LEXICON} and {ARPA}); "
-                              "make one with `python -m tools.make_word_lm` MODEL_DIR TEXT")
+                              "make one with `python -m inference.make_word_lm` MODEL_DIR TEXT")
         self.kind = settings["kind"]
         self.lm_weight = settings["lm_weight"] if lm_weight is None else lm_weight
         self.word_score = settings["word_score"] if word_score is None else word_score

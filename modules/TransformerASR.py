@@ -116,6 +116,11 @@ class TransformerASR(SBTransformerASR):
         mamba_encoder = encoder_module in MAMBA_ENCODERS and num_encoder_layers > 0
         mamba_decoder = decoder_module == "mamba" and num_decoder_layers > 0
         mamba_cfg = check_mamba_config(mamba_config)
+        if causal is None and mamba_encoder and (mamba_config or {}).get("bidirectional"):
+            raise ValueError(
+                "causal is not given: SpeechBrain then assumes causal=True, which makes the Mamba "
+                "encoder unidirectional although mamba_config asks bidirectional=True; pass "
+                "causal=False for a bidirectional encoder, or causal=True with bidirectional False")
         if encoder_module == "conmamba" and not normalize_before:
             raise ValueError(
                 "normalize_before must be True for encoder_module conmamba (as for conformer)"

@@ -182,6 +182,14 @@ class MambaDecoder(nn.Module):
         """Decoding state before the first token; memory (B, L, D), mem_lens (B,) valid frames."""
         if mem_lens is None:
             mem_lens = valid_lengths(memory)
+        elif (mem_lens.shape != memory.shape[:1] or mem_lens.is_floating_point()
+              or (len(mem_lens) and not 0 <= int(mem_lens.min()) <= int(mem_lens.max())
+                  <= memory.shape[1])):
+            raise ValueError(
+                f"mem_lens must be integer frame counts in [0, {memory.shape[1]}], one per "
+                f"sequence (shape ({memory.shape[0]},)), got {mem_lens.dtype} "
+                f"{mem_lens.tolist() if mem_lens.numel() <= 8 else tuple(mem_lens.shape)} "
+                "(relative lengths: multiply by the frame count and round)")
         mem_lens = mem_lens.to(memory.device).long()
         return MambaDecoderState([layer.init_caches(memory, mem_lens) for layer in self.layers])
 

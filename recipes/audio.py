@@ -2,6 +2,7 @@
 files are decoded with soundfile, channels averaged and resampled with torchaudio; every failure
 is an AudioError naming the file (and the manifest's utterance ID when there is one)."""
 
+import numbers
 import os
 
 import soundfile
@@ -49,16 +50,29 @@ def check_audio(path, utt_id=None):
     return info.frames / info.samplerate
 
 
+def check_finite(wav, what="Audio"):
+    """AudioError when a float waveform holds NaN or infinite samples (they would silently turn
+    a whole transcript, or a stream from then on, into nothing)."""
+    bad = ~torch.isfinite(wav)
+    if bad.any():
+        first = int(bad.reshape(-1).nonzero()[0])
+        raise AudioError(f"{what} has {int(bad.sum())} NaN or infinite sample(s), the first at "
+                         f"sample {first // wav.shape[-1] if wav.dim() == 2 else first}; "
+                         "replace them (e.g. numpy.nan_to_num) or drop the audio")
+
+
 def read_audio(path, utt_id=None):
     """A file as float32 (samples, channels) and its sample rate; AudioError naming the file
-    (and utt_id) when it cannot be decoded or is empty."""
+    (and utt_id) when it cannot be decoded, is empty or holds NaN / infinite samples."""
     try:
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError...)
         raise _undecodable(path, utt_id, e) from e
     if audio.shape[0] == 0:
         raise _empty(path, utt_id)
-    return torch.from_numpy(audio), sample_rate
+    audio = torch.from_numpy(audio)
+    check_finite(audio, f"Audio file {_where(path, utt_id)}")
+    return audio, sample_rate
 
 
 # integer PCM -> float in [-1, 1): (x - offset) / scale
@@ -69,7 +83,8 @@ PCM_SCALES = {torch.uint8: (128, 2 ** 7), torch.int8: (0, 2 ** 7), torch.int16: 
 def to_float(wav):
     """A waveform (tensor, numpy array, list) as float32 of the same shape: integer PCM scaled to
     [-1, 1) (int16 / 2^15, int32 / 2^31, int8 / 2^7, uint8 (x - 128) / 2^7), floats as they are.
-    AudioError for other types (int64, bool...), whose full scale is unknown."""
+    AudioError for other types (int64, bool...), whose full scale is unknown, and for NaN or
+    infinite samples."""
     wav = torch.as_tensor(wav)
     if wav.dtype in PCM_SCALES:
         offset, scale = PCM_SCALES[wav.dtype]
@@ -78,7 +93,9 @@ def to_float(wav):
         raise AudioError(f"Audio samples of type {wav.dtype} have no known full scale; pass float "
                          "samples in [-1, 1] or int8 / int16 / int32 / uint8 PCM (e.g. "
                          "x.astype('int16') for 16-bit samples held in a wider type)")
-    return wav.float()
+    wav = wav.float()
+    check_finite(wav)
+    return wav
 
 
 def downmix(wav):
@@ -96,6 +113,10 @@ def downmix(wav):
 def to_mono(wav, sample_rate, target_rate):
     """(samples,) or 2-D audio (channels = the smaller dimension), float or integer PCM (see
     to_float) -> mono float32 (samples,) at target_rate."""
+    if not (isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool)
+            and sample_rate > 0 and float(sample_rate).is_integer()):
+        raise AudioError(f"sample_rate must be a positive whole number of samples per second, "
+                         f"got {sample_rate!r}")
     wav = downmix(to_float(wav))
     if wav.numel() == 0:
         raise AudioError("Empty waveform (0 samples)")

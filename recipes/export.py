@@ -134,7 +134,8 @@ def _model_nodes(hparams, kind, with_lm):
     nodes = {name: tree[name] for name in names}
     nodes = copy.deepcopy(nodes)  # one deepcopy: shared sub-nodes stay shared
     transformer = nodes["Transformer"]
-    transformer["dropout"] = 0.0  # inference: no dropout whatever the trained rate
+    for name in ("Transformer", "CNN"):  # inference: no dropout whatever the trained rate
+        nodes[name]["dropout"] = 0.0
     transformer.pop("encoder_gradient_checkpointing", None)  # a training-time memory option
     transformer["tgt_vocab"] = hparams["output_neurons"]
     nodes["ctc_lin"]["n_neurons"] = hparams["output_neurons"]

@@ -70,6 +70,9 @@ def test_decode_step_equals_full_decode(normalize_before):
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
     logp = lambda h: seq_lin(h).log_softmax(-1)  # noqa: E731
     torch.testing.assert_close(logp(steps), logp(full), atol=1e-4, rtol=0)
+    for bad in (wav_len, enc_len[:2], enc_len + enc.shape[1], -enc_len):
+        with pytest.raises(ValueError, match="mem_lens must be integer frame counts"):
+            net.init_decoder_state(enc, bad)  # relative lengths, wrong count, out of range
 
 
 def make_scorer(kind, ctc_lin):

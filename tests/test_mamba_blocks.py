@@ -424,6 +424,33 @@ def test_compiled_inference_weights_follow_parameter_changes(monkeypatch):
     check()
     m.load_state_dict(perturbed(BiMamba(16, d_state=4)).state_dict())
     check()
+    # fused AdamW (the recipes' CPU optimizer) updates in place without bumping versions
+    fused = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    for _ in range(2):
+        m(x).square().sum().backward()
+        fused.step()
+        fused.zero_grad()
+        check()
+    with torch.no_grad():  # .data bypasses autograd's versions: a mode switch rebuilds
+        m.dt_proj_b.weight.data.mul_(3.0)
+    m.train()
+    m.eval()
+    check()
     m = m.double()
     x = x.double()
     check()
+
+
+@pytest.mark.parametrize("numba", ["0", "1"])
+def test_lengths_without_pad_mask_mean_that_padding(numba, monkeypatch):
+    """lengths (B,) alone give what the equivalent pad_mask gives, on the PyTorch path and the
+    compiled inference path alike; bad lengths are refused."""
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", numba)
+    padded, pad_mask = padded_batch((11, 5), 16, torch.float32)
+    lengths = (~pad_mask).sum(1)
+    for m in (perturbed(BiMamba(16, d_state=4)), perturbed(Mamba(16, d_state=4))):
+        with torch.no_grad():
+            torch.testing.assert_close(m(padded, lengths=lengths), m(padded, pad_mask),
+                                       rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="integer tensor of shape"):
+            m(padded, lengths=torch.tensor([1.0, 0.6]))

@@ -438,3 +438,12 @@ def test_hidden_states_and_layerdrop(encoder):
     dropping = tiny(encoder, layers=0, layerdrop_prob=1.0).train()  # every layer dropped
     x = torch.randn(2, 13, 32)
     torch.testing.assert_close(dropping.encoder(x)[0], dropping.encoder.norm(x))
+
+
+def test_unspecified_causal_with_a_bidirectional_mamba_config_is_refused():
+    """SpeechBrain turns causal=None into True, which would silently drop the bidirectional
+    Mamba blocks the config asks for."""
+    with pytest.raises(ValueError, match="causal is not given.*pass causal=False"):
+        tiny(causal=None)
+    net = tiny(causal=None, mamba_config={"d_state": 8, "bidirectional": False})
+    assert type(net.encoder.layers[0].mamba).__name__ == "Mamba"

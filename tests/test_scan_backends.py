@@ -328,3 +328,30 @@ def test_first_call_logs_the_compiled_kernels_when_they_ran(caplog, unloaded_ker
         "Mamba selective scan: using the compiled CPU scan (numba kernels) (backend 'torch') on "
         "cpu: tensors on cpu",
     ]
+
+
+@pytest.mark.parametrize("value, forced", [("1", True), ("TRUE", True), ("on", True),
+                                           ("0", False), ("false", False), ("No", False),
+                                           ("off", False), ("", None), ("auto", None)])
+def test_numba_switch_reads_the_usual_spellings(value, forced, monkeypatch):
+    from modules.mamba import scan_cpu
+
+    monkeypatch.setenv("MAMBA_SCAN_NUMBA", value)
+    assert scan_cpu._forced() is forced
+    if forced is False:
+        assert not scan_cpu.available() and not scan_cpu.loaded()
+
+
+def test_integer_inputs_and_ref_last_state(monkeypatch):
+    """Integer tensors are refused (they gave an all-zero integer output); the reference
+    backend's last state carries no gradient, as every other backend's."""
+    from modules.mamba import selective_scan
+
+    u = torch.randn(1, 4, 6, requires_grad=True)
+    delta, A = torch.rand(1, 4, 6), -torch.rand(4, 3)
+    B, C = torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+    with pytest.raises(ValueError, match="u must be a floating-point tensor, got torch.int64"):
+        selective_scan(torch.ones(1, 4, 6, dtype=torch.long), delta, A, B, C)
+    for backend in ("ref", "torch"):
+        out, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend=backend)
+        assert out.requires_grad and not last.requires_grad, backend

@@ -18,7 +18,7 @@ from speechbrain.lobes.features import Fbank
 import transcribe
 from inference.streaming import StreamingTranscriber, stream_files
 from inference.transcriber import Transcriber, TranscriberError
-from recipes.audio import load_audio
+from recipes.audio import AudioError, load_audio
 from modules.streaming import CausalFbank, StreamingEncoder, StreamingError
 from recipes.hparams import load_recipe
 from recipes.untrained import export_untrained, speech_like
@@ -298,3 +298,20 @@ def test_streaming_transcriber_loads_the_compiled_kernels_up_front(streaming_dir
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert ("'forward'" in last) == loads, last
+
+
+def test_a_non_finite_piece_is_refused_and_the_stream_goes_on(streaming_dir, speech_file):
+    asr = StreamingTranscriber.from_folder(streaming_dir, device="cpu")
+    wav = load_audio(speech_file, SR)
+    pieces = list(wav.split(1600))
+    for piece in pieces:
+        asr.push(piece)
+    expected = asr.finish()
+    for k, piece in enumerate(pieces):
+        if k == 3:
+            bad = piece.clone()
+            bad[5] = float("nan")
+            with pytest.raises(AudioError, match="NaN or infinite sample.*at sample 5"):
+                asr.push(bad)
+        asr.push(piece)
+    assert asr.finish() == expected

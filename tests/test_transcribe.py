@@ -485,3 +485,35 @@ def test_cli_text_only_prints_an_empty_line_for_a_failed_file(ctc, ctc_dir, audi
     assert len(errors) == 2 and bad in errors[1] and missing in errors[0]
     assert transcribe.run([ctc_dir, missing, missing, "--text-only"]) == 1
     assert capsys.readouterr().out == "\n\n"
+
+
+def test_non_finite_audio_and_bad_sample_rates_are_refused(ctc, ctc_dir, audio_files, tmp_path,
+                                                           capsys):
+    """One NaN or infinite sample would silently empty a whole transcript: refused, naming the
+    file (the other files are transcribed) or the sample."""
+    wav = ctc.load_audio(audio_files[0])
+    bad = wav.clone()
+    bad[1234] = float("nan")
+    with pytest.raises(AudioError, match="1 NaN or infinite sample.*at sample 1234"):
+        ctc.transcribe_waveform(bad, SR)
+    for rate in (0, 22050.5, -8000, "16000"):
+        with pytest.raises(AudioError, match="sample_rate must be a positive whole number"):
+            ctc.transcribe_waveform(wav, rate)
+    path = str(tmp_path / "inf.wav")
+    bad[1234] = float("inf")
+    soundfile.write(path, bad.numpy(), SR, subtype="FLOAT")
+    assert transcribe.run([ctc_dir, path, audio_files[1]]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ERROR: Audio file {path} has 1 NaN or infinite")
+    assert captured.out.splitlines()[0].startswith(audio_files[1] + "\t")
+
+
+def test_forced_scan_backend_that_cannot_run_is_one_error_line(ctc_dir, audio_files, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("MAMBA_SCAN_BACKEND", "cuda")
+    assert transcribe.run([ctc_dir, audio_files[0]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "ERROR: selective_scan backend 'cuda' (from MAMBA_SCAN_BACKEND) needs CUDA tensors")
+    assert "MAMBA_SCAN_BACKEND=auto or torch" in err[0]

@@ -122,7 +122,7 @@ def test_lexicon_decoder_needs_the_files(char_tokenizer, tmp_path):
     pytest.importorskip("flashlight.lib.text")
     from inference.word_lm import CTCLMDecoder
 
-    with pytest.raises(RecipeError, match="tools.make_word_lm"):
+    with pytest.raises(RecipeError, match="inference.make_word_lm"):
         CTCLMDecoder(str(tmp_path), char_tokenizer, blank_index=0)
 
 
@@ -235,7 +235,7 @@ def ctc_with_lm(tmp_path_factory):
                               str(tmp_path_factory.mktemp("ctc_lm")), n_sentences=2000)
     plain = str(tmp_path_factory.mktemp("ctc_plain") / "model")
     shutil.copytree(folder, plain)
-    from tools.make_word_lm import main
+    from inference.make_word_lm import main
 
     main([folder, TRAIN_CSV, "--kind", "lexicon", "--order", "2"])
     return folder, plain
@@ -257,14 +257,14 @@ def test_transcriber_decodes_with_the_folders_word_lm(ctc_with_lm):
     assert without.word_lm is None
     assert without.transcribe_waveform(wav, 16000) == \
         Transcriber.from_folder(plain, device="cpu").transcribe_waveform(wav, 16000)
-    with pytest.raises(TranscriberError, match="tools.make_word_lm"):
+    with pytest.raises(TranscriberError, match="inference.make_word_lm"):
         Transcriber.from_folder(plain, device="cpu", use_lm=True)
 
 
 def test_token_lm_leaves_out_excluded_sentences_and_is_used_by_default(ctc_with_lm, tmp_path):
     from inference.transcriber import Transcriber
     from inference.word_lm import TOKEN_ARPA, lm_settings
-    from tools.make_word_lm import main
+    from inference.make_word_lm import main
 
     _, plain = ctc_with_lm
     folder = str(tmp_path / "model")
@@ -280,10 +280,17 @@ def test_token_lm_leaves_out_excluded_sentences_and_is_used_by_default(ctc_with_
     asr = Transcriber.from_folder(folder, device="cpu")
     assert asr.word_lm.kind == "token" and asr.word_lm.lm_weight == 0.3
     assert isinstance(asr.transcribe_waveform(torch.randn(16000) * 0.1, 16000), str)
+    # switching kinds leaves no unused LM files behind
+    main([folder, str(text), "--kind", "lexicon"])
+    assert not os.path.exists(os.path.join(folder, TOKEN_ARPA))
+    assert os.path.isfile(os.path.join(folder, LEXICON))
+    main([folder, str(text)])
+    assert os.path.isfile(os.path.join(folder, TOKEN_ARPA))
+    assert not any(os.path.exists(os.path.join(folder, f)) for f in (LEXICON, ARPA))
 
 
 def test_make_word_lm_refuses_s2s_and_bad_csv(tmp_path):
-    from tools.make_word_lm import main
+    from inference.make_word_lm import main
 
     folder = tmp_path / "s2s"
     folder.mkdir()
@@ -307,7 +314,7 @@ def test_damaged_lm_settings_are_named(tmp_path):
         path.write_text(text)
         with pytest.raises(TranscriberError, match=message) as e:
             lm_settings(str(tmp_path))
-        assert str(path) in str(e.value) and "tools.make_word_lm" in str(e.value)
+        assert str(path) in str(e.value) and "inference.make_word_lm" in str(e.value)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -318,7 +325,7 @@ def test_damaged_lm_settings_are_named(tmp_path):
 ])
 def test_make_word_lm_refuses_bad_numbers(ctc_with_lm, tmp_path, args, message):
     from inference.word_lm import SETTINGS, TOKEN_ARPA
-    from tools.make_word_lm import main
+    from inference.make_word_lm import main
 
     _, plain = ctc_with_lm
     folder = str(tmp_path / "model")
@@ -330,7 +337,7 @@ def test_make_word_lm_refuses_bad_numbers(ctc_with_lm, tmp_path, args, message):
 
 
 def test_make_word_lm_order_and_text_errors(ctc_with_lm, tmp_path, capsys):
-    from tools.make_word_lm import main
+    from inference.make_word_lm import main
 
     _, plain = ctc_with_lm
     folder = str(tmp_path / "model")

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import scan_cpu
 from .scan import LOG2E, compiled_cpu_inference, selective_scan, state_dtype
@@ -39,6 +40,34 @@ class MambaCache:
     def __repr__(self):
         return (f"MambaCache(conv_state={tuple(self.conv_state.shape)}, "
                 f"ssm_state={tuple(self.ssm_state.shape)}, dtype={self.ssm_state.dtype})")
+
+
+def _padding(x, pad_mask, lengths):
+    """(pad_mask, lengths) of x (B, L, ...) from either one (lengths (B,) given with a pad_mask
+    are the caller's valid_lengths of it); (None, None) without padding."""
+    if pad_mask is not None:
+        return pad_mask, (_lengths(pad_mask, x) if lengths is None else lengths)
+    if lengths is None:
+        return None, None
+    if lengths.shape != x.shape[:1] or lengths.is_floating_point():
+        raise ValueError(f"lengths must be an integer tensor of shape (batch,) = "
+                         f"({x.shape[0]},) (valid frames per sequence), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    lengths = lengths.to(device=x.device, dtype=torch.long)
+    return torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None], lengths
+
+
+_optimizer_steps = 0  # optimizer steps taken in this process (any optimizer)
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers update parameters without bumping their version counters, so derived weights
+# (BiMamba._both_directions_weights) are also keyed on the steps taken.
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _lengths(pad_mask, x):
@@ -245,8 +274,7 @@ class Mamba(nn.Module):
         padded frames.
         """
         self._check_input(x)
-        if pad_mask is not None and lengths is None:
-            lengths = _lengths(pad_mask, x)
+        pad_mask, lengths = _padding(x, pad_mask, lengths)
         if pad_mask is not None:  # causal: padding cannot reach valid frames; this also keeps
             x = x.masked_fill(pad_mask[:, :, None], 0.0)  # non-finite junk out of the gradients
         if cache is not None:
@@ -350,11 +378,10 @@ class BiMamba(Mamba):
             raise NotImplementedError(
                 "BiMamba looks at the whole sequence; it has no recurrent mode")
         self._check_input(x)
+        pad_mask, lengths = _padding(x, pad_mask, lengths)
         if pad_mask is None:
             reverse = (lambda t: t.flip(1))  # noqa: E731
         else:
-            if lengths is None:
-                lengths = _lengths(pad_mask, x)
             reverse = (lambda t: _reverse_valid(t, lengths))  # noqa: E731
             # keeps non-finite junk in the padding out of the gradients
             x = x.masked_fill(pad_mask[:, :, None], 0.0)
@@ -430,8 +457,11 @@ class BiMamba(Mamba):
         """Both directions' parameters as _both_directions_compiled takes them, in dtype:
         conv (2d, d_conv), conv_bias (2d,) or None, block-diagonal x_proj (2 (r + 2n), 2d) and
         dt_proj (2d, 2r), dt_bias, D (2d,), A2 = A log2(e) (2d, n). Kept until a parameter
-        changes (in place: its version; or replaced), so inference does not rebuild them."""
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        changes (in place through autograd: its version; replaced; an optimizer step; a switch
+        between train and eval mode), so inference does not rebuild them. Writes through
+        ``.data`` bypass all of these: switch the mode (``eval()``) after them."""
+        key = (dtype, _optimizer_steps,
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
         cached = getattr(self, "_weights_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -453,6 +483,10 @@ class BiMamba(Mamba):
             }
         self._weights_cache = (key, weights)
         return weights
+
+    def train(self, mode=True):
+        self._weights_cache = None  # see _both_directions_weights
+        return super().train(mode)
 
     def allocate_inference_cache(self, *args, **kwargs):
         raise NotImplementedError("BiMamba looks at the whole sequence; it has no recurrent mode")

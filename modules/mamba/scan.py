@@ -55,6 +55,10 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state=None, lengt
     if u.dim() != 3:
         raise ValueError(
             f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
+    for name, tensor in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got "
+                             f"{tensor.dtype}")
     batch, d_inner, length = u.shape
     if A.dim() != 2 or A.shape[0] != d_inner:
         raise ValueError(
@@ -671,8 +675,8 @@ def _check_forced(choice, device_type, dtype, streaming, source):
            else "set MAMBA_SCAN_BACKEND=auto or torch (or unset it)")
     if choice == "cuda":
         if device_type != "cuda":
-            raise ValueError(f"selective_scan backend 'cuda' needs CUDA tensors, got tensors on "
-                             f"{device_type}; use backend='torch' (or unset MAMBA_SCAN_BACKEND)")
+            raise ValueError(f"selective_scan backend 'cuda' (from {source}) needs CUDA tensors, "
+                             f"got tensors on {device_type}; {fix}")
         kernel, why = _mamba_ssm_kernel()
         if kernel is None:
             raise ValueError(f"selective_scan backend 'cuda' (from {source}) cannot run: {why}. "
@@ -836,8 +840,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     leave its state unchanged and give zero outputs.
 
     Returns out (batch, d_inner, L) in u's dtype (delta's for the CUDA kernels), and with
-    ``return_last_state`` also the final state (batch, d_inner, d_state) (float32; no gradient
-    flows through it, as in mamba-ssm).
+    ``return_last_state`` also the final state (batch, d_inner, d_state) (float32, float64 for
+    float64 inputs; no gradient flows through it, as in mamba-ssm, on every backend).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
     streaming = initial_state is not None or lengths is not None
@@ -866,4 +870,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         result = (out, last) if return_last_state else out
     if choice == "torch":  # which implementation ran is known once it has run
         _log_first_use(choice, why, u.device.type, "compiled" if _ran_compiled(u) else None)
+    if return_last_state and choice == "ref":
+        result = (result[0], result[1].detach())
     return result

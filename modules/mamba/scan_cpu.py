@@ -37,9 +37,16 @@ def _numba_installed():
     return importlib.util.find_spec("numba") is not None
 
 
+def _forced():
+    """MAMBA_SCAN_NUMBA as True (1 / true / yes / on), False (0 / false / no / off) or None."""
+    value = os.environ.get("MAMBA_SCAN_NUMBA", "").strip().lower()
+    return {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}.get(value)
+
+
 def available():
     """True when the compiled kernels can be used (numba installed, MAMBA_SCAN_NUMBA not 0)."""
-    return os.environ.get("MAMBA_SCAN_NUMBA") != "0" and _numba_installed()
+    return _forced() is not False and _numba_installed()
 
 
 def usable_for(u, d_state, training=False, continuing=False):
@@ -545,7 +552,7 @@ def fused_backward(delta, bias, u, dout, z, B, C, A2, A, D, ckpt, every, group_s
 def loaded():
     """True when the kernels are loaded in this process (or MAMBA_SCAN_NUMBA=1): the scans will
     run compiled, and so may the steps around them (conv_silu)."""
-    return available() and (bool(_KERNELS) or os.environ.get("MAMBA_SCAN_NUMBA") == "1")
+    return available() and (bool(_KERNELS) or _forced() is True)
 
 
 def conv_silu(x, weight, bias, lengths=None, split=None):

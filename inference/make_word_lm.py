@@ -2,9 +2,9 @@
 """Adds an n-gram LM to an exported CTC model folder; transcribe.py and
 inference.Transcriber then decode with it (see inference.word_lm for the two kinds).
 
-    python -m tools.make_word_lm demo_results/inference data/mini_corpus/sentences.txt \
+    python -m inference.make_word_lm demo_results/inference data/mini_corpus/sentences.txt \
         --exclude data/mini_corpus/valid.csv data/mini_corpus/test.csv
-    python -m tools.make_word_lm MODEL_DIR train.csv --kind lexicon --order 4
+    python -m inference.make_word_lm MODEL_DIR train.csv --kind lexicon --order 4
 
 Sources are CSV manifests (their transcript column) or text files (one sentence per line).
 --kind token (default) writes MODEL_DIR/token_lm.arpa, an n-gram LM over the tokenizer's pieces
