@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """`make demo`: trains a small ConMamba CTC model (hparams/CTC/demo.yaml) on the bundled corpus
 on the CPU, reports WER/CER on the corpus's synthetic test split and on real speech (CTC beam
-search alone, then with a token 6-gram LM of the corpus' sentence pool without its valid and
-test sentences, its weight and word score chosen on the valid split), transcribes one file with the
+search alone, then with a token 6-gram LM of the corpus' sentence pool without its valid, test
+and real sentences, its weight and word score chosen on the valid split), transcribes one file with the
 exported model and prints a summary table.
 
     python demo.py                      # full demo: 7 epochs, ~13 min on 2 CPU cores
     python demo.py --epochs 3           # the time budget knob: ~1.6 min per epoch on 2 cores
     python demo.py --resume             # continue an interrupted run in the same folder
-    python demo.py --quick              # smoke run in seconds: tiny model, few utterances
+    python demo.py --quick              # smoke run (~1 min): tiny model, few utterances
     python demo.py --streaming          # the causal model (hparams/CTC/demo_streaming.yaml), also
                                         # decoded by StreamingTranscriber in 160 ms pieces
 

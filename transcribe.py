@@ -2,7 +2,7 @@
 """Transcribe audio files with an exported model folder (<output_folder>/inference of
 train_CTC.py / train_S2S.py).
 
-    python transcribe.py results/CTC/demo/7775/inference a.wav b.flac
+    python transcribe.py demo_results/inference a.wav b.flac
     python transcribe.py MODEL_DIR talk.wav --chunk-seconds 60 --overlap-seconds 4 --device cpu
     python transcribe.py MODEL_DIR a.wav --beam-size 10 --no-lm          # without the LM
     python transcribe.py STREAMING_MODEL_DIR a.wav --stream --piece-ms 160  # as a live stream

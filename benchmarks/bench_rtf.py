@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_rtf                    # 10, 60 and 600 s of audio, all models
     python -m benchmarks.bench_rtf --quick            # 10 and 60 s
-    python -m benchmarks.bench_rtf --demo-model results/CTC/demo/7775/inference   # + a trained one
+    python -m benchmarks.bench_rtf --demo-model demo_results/inference   # + a trained one
 
 What is timed: Transcriber.transcribe_files([one 16 kHz WAV]) of inference.transcriber, i.e. reading,
 features, encoder, decoding and (beyond --chunk-seconds) chunking + merging; after a warm-up call

@@ -1,7 +1,7 @@
 """Transcription with an exported model folder (recipes.export: <output_folder>/inference).
 
     from inference import Transcriber
-    asr = Transcriber.from_folder("results/CTC/demo/7775/inference", device="cpu")
+    asr = Transcriber.from_folder("demo_results/inference", device="cpu")
     asr.transcribe_files(["a.wav", "b.flac"])        # -> ["TRANSCRIPT A", "TRANSCRIPT B"]
     asr.transcribe_waveform(wav, sample_rate=44100)  # wav (samples,) or 2-D with channels
 
