@@ -20,7 +20,7 @@ import zlib
 import yaml
 
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from recipes import RecipeError, faults
 
@@ -89,7 +89,8 @@ class AtomicCheckpointer(Checkpointer):
             checkpoint = super().save_checkpoint(meta, end_of_epoch, name, logging.DEBUG)
         finally:
             self._writing = False
-        if checkpoint is None:  # not the main process
+        if checkpoint is None:  # not the main process: wait until the checkpoint is in place,
+            ddp_barrier()  # else its list of checkpoints to delete differs from the main one's
             return None
         final = checkpoint.path.with_name(checkpoint.path.name[len(PARTIAL):])
         files = [p for p in checkpoint.path.iterdir() if p.name != METAFNAME]
@@ -100,6 +101,7 @@ class AtomicCheckpointer(Checkpointer):
             end_of_epoch)
         _fsync_tree(checkpoint.path)
         os.rename(checkpoint.path, final)
+        ddp_barrier()
         kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
         logger.log(verbosity, f"Saved an {kind} checkpoint in {final}")
         faults.inject("checkpoint_saved")

@@ -59,10 +59,15 @@ class FaultTolerance:
         try:
             return super().fit(*args, **kwargs)
         except AudioError:
-            if self.modules.training and self.checkpointer is not None:  # a training batch
-                self._save_intra_epoch_ckpt()
-                logger.info("Saved a checkpoint before the unreadable file: fix the file or "
-                            "remove its row, then rerun the same command to continue from it")
+            if not (self.modules.training and self.checkpointer is not None):
+                raise
+            if is_distributed_initialized():  # saving is collective: the other processes
+                logger.info("Stopping at an unreadable file: fix it or remove its row, then "
+                            "rerun the same command to continue from the last checkpoint")
+                raise  # are inside their next batch; torchrun stops them when this one exits
+            self._save_intra_epoch_ckpt()  # a training batch
+            logger.info("Saved a checkpoint before the unreadable file: fix the file or "
+                        "remove its row, then rerun the same command to continue from it")
             raise
 
     def fit_batch(self, batch):

@@ -39,6 +39,10 @@ def setup(argv, kind, mps_note=None):
     if (os.environ.get("RANK") is not None and not device.startswith("cuda")
             and "distributed_backend" not in run_opts.overridden_args):
         changes["distributed_backend"] = "gloo"  # nccl needs CUDA
+    elif (run_opts.distributed_backend == "nccl" and not device.startswith("cuda")
+          and "distributed_backend" in run_opts.overridden_args):
+        raise RecipeError(f"--distributed_backend nccl needs CUDA devices, and this run is on "
+                          f"{device}: pass --distributed_backend gloo, or leave the option out")
     run_opts = dataclasses.replace(
         run_opts, **changes, overridden_args=run_opts.overridden_args | set(changes))
     sb.utils.distributed.ddp_init_group(run_opts)
@@ -140,7 +144,8 @@ def fit_schedule_to_data(hparams, train, train_sampler, world_size=1):
     else:
         batches = math.ceil(len(train) / hparams["batch_size"])
     batches = math.ceil(batches / world_size)
-    steps_per_epoch = math.ceil(batches / (hparams.get("grad_accumulation_factor") or 1))
+    # sb.Brain steps on every grad_accumulation_factor-th batch of an epoch (the rest are dropped)
+    steps_per_epoch = max(1, batches // (hparams.get("grad_accumulation_factor") or 1))
     scheduler.num_training_steps = hparams["number_of_epochs"] * steps_per_epoch
     if scheduler.num_training_steps <= scheduler.num_warmup_steps:
         raise RecipeError(

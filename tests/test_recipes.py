@@ -217,11 +217,22 @@ def test_ddp_two_cpu_processes(csvs, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     run("train_CTC.py", "hparams/CTC/tiny.yaml", out, csvs, "--batch_size", "4",
         "--inter_ctc_weight", "0.3",  # its layer hook reaches through the DDP wrapper
+        # 3 epochs, 1 checkpoint kept: checkpoints are deleted (both processes must agree which)
+        "--number_of_epochs", "3", "--avg_checkpoints", "1",
         # --standalone: torchrun's rendezvous takes a port of its own (no race with other runs)
         launcher=[torchrun, "--standalone", "--nproc-per-node", "2"])
     epoch1 = (out / "train_log.txt").read_text().splitlines()[0]
     assert "steps: 1" in epoch1  # 8 utterances / 2 processes / batch 4 (one process: 2 steps)
+    assert len((out / "train_log.txt").read_text().splitlines()) == 4  # 3 epochs + the test
+    assert len(list((out / "save").glob("CKPT+*"))) == 1
     assert (out / "wer_test.txt").is_file() and (out / "inference" / "model.ckpt").is_file()
+
+
+def test_nccl_on_cpu_is_one_clear_error(csvs, tmp_path):
+    proc = run("train_CTC.py", "hparams/CTC/tiny.yaml", tmp_path / "out", csvs,
+               "--distributed_backend", "nccl", check=False)
+    assert proc.returncode == 1
+    assert "ERROR: --distributed_backend nccl needs CUDA devices" in proc.stderr
 
 
 def test_unreachable_hub_gives_one_clear_error(csvs, tmp_path):
@@ -297,9 +308,10 @@ def test_linear_schedule_fitted_to_the_data():
     sched = LinearWarmupScheduler(1.0, 10, None)
     hp = {"noam_annealing": sched, "number_of_epochs": 3, "batch_size": 8,
           "grad_accumulation_factor": 2}
-    assert fit_schedule_to_data(hp, range(100), list(range(41))) == 3 * 21  # sampler: 41 batches
-    assert fit_schedule_to_data(hp, range(100), None) == 3 * 7  # 13 batches of 8
-    assert fit_schedule_to_data(hp, range(100), list(range(41)), world_size=2) == 3 * 11
+    # sb.Brain steps at every 2nd batch: 41 batches -> 20 steps (the last batch is dropped)
+    assert fit_schedule_to_data(hp, range(100), list(range(41))) == 3 * 20  # sampler: 41 batches
+    assert fit_schedule_to_data(hp, range(100), None) == 3 * 6  # 13 batches of 8
+    assert fit_schedule_to_data(hp, range(100), list(range(41)), world_size=2) == 3 * 10
     assert sched.calculate_lr(sched.num_training_steps) == 0.0
     assert sched.calculate_lr(sched.num_training_steps - 1) > 0.0
     with pytest.raises(RecipeError, match="n_warmup_steps"):

@@ -355,3 +355,12 @@ def test_integer_inputs_and_ref_last_state(monkeypatch):
     for backend in ("ref", "torch"):
         out, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend=backend)
         assert out.requires_grad and not last.requires_grad, backend
+
+
+def test_numbas_compiler_logs_stay_out_of_debug_logs(monkeypatch):
+    """A training run logs at DEBUG to its log file: numba's compiler would add ~500k lines."""
+    import modules.mamba.scan_cpu  # noqa: F401  (sets the level on import)
+
+    monkeypatch.setattr(logging.getLogger(), "level", logging.DEBUG)
+    assert logging.getLogger("").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("numba.core.ssa").isEnabledFor(logging.DEBUG)

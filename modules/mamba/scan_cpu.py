@@ -20,6 +20,7 @@ kernels for every scan; unset, see usable_for.
 
 import functools
 import importlib.util
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,9 @@ import sys
 import numpy as np
 import torch
 
+# numba's compiler logs ~500k DEBUG lines per compile: a training run's log file (DEBUG level)
+# grew by 100 MB the first time the kernels compiled on a machine
+logging.getLogger("numba").setLevel(logging.WARNING)
 LOAD_AFTER = 1 << 29  # state updates of pure-PyTorch scans in a process after which kernels load
 _KERNELS = {}
 _torch_work = 0  # state updates (batch * d_inner * L * d_state) the pure-PyTorch scans have done
