@@ -84,6 +84,9 @@ class AtomicCheckpointer(Checkpointer):
     _writing = False
 
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+        for recoverable in self.recoverables.values():  # (all processes) states to gather
+            if hasattr(recoverable, "gather"):  # first, as recipes.resume.RandomState's
+                recoverable.gather()
         self._writing = True  # SpeechBrain writes into the folder named by *_dirpath below
         try:
             checkpoint = super().save_checkpoint(meta, end_of_epoch, name, logging.DEBUG)

@@ -29,14 +29,22 @@ from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, registe
 from recipes import faults
 
 
+def _rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 @register_checkpoint_hooks
 class RandomState:
-    """The torch (CPU, CUDA), NumPy and Python random generators as a checkpoint recoverable."""
+    """The torch (CPU, CUDA), NumPy and Python random generators as a checkpoint recoverable, one
+    set per DDP process: only the main process writes checkpoints, so every process hands its
+    state over first (``gather``, from the checkpointer's save on all of them)."""
 
-    @mark_as_saver
-    def _save(self, path):
-        # Saved after the model, optimizer-less recoverables: a kill here is one mid-checkpoint.
-        faults.inject("checkpoint_write")
+    def __init__(self):
+        self.gathered = None  # every process's state (main process, DDP), from gather()
+
+    @staticmethod
+    def state():
+        """This process's generators as a dict of tensors and plain values."""
         version, mt, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
@@ -46,12 +54,28 @@ class RandomState:
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(state, path)
+        return state
+
+    def gather(self):
+        """Called by every DDP process right before a checkpoint is saved."""
+        if torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, self.state())
+            self.gathered = states if _rank() == 0 else None
+
+    @mark_as_saver
+    def _save(self, path):
+        # Saved after the model, optimizer-less recoverables: a kill here is one mid-checkpoint.
+        faults.inject("checkpoint_write")
+        states, self.gathered = self.gathered or [self.state()], None
+        torch.save({"ranks": states}, path)
 
     @mark_as_loader
     def _load(self, path, end_of_epoch):
         del end_of_epoch
-        state = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True)
+        ranks = saved.get("ranks", [saved])  # checkpoints before per-process states: one
+        state = ranks[_rank()] if _rank() < len(ranks) else ranks[0]
         torch.set_rng_state(state["torch"])
         version, mt, gauss = state["python"]
         random.setstate((version, tuple(mt), gauss))

@@ -50,9 +50,9 @@ def manifests(tmp_path_factory):
             _write(tmp / "test.csv", _shortest("test", 1)))
 
 
-def train(out, manifests, *extra, fault=None, workers=0, epochs=2):
+def train(out, manifests, *extra, fault=None, workers=0, epochs=2, launcher=(sys.executable,)):
     train_csv, valid_csv, test_csv = manifests
-    cmd = [sys.executable, str(REPO / "train_CTC.py"), str(REPO / "hparams/CTC/tiny.yaml"),
+    cmd = [*launcher, str(REPO / "train_CTC.py"), str(REPO / "hparams/CTC/tiny.yaml"),
            "--device", "cpu", "--data_folder", str(CORPUS), "--train_csv", train_csv,
            "--valid_csv", valid_csv, "--test_csv", f"[{test_csv}]", "--output_folder", str(out),
            "--num_workers", str(workers), "--noprogressbar", "--batch_size", "4",
@@ -124,6 +124,19 @@ def test_workers_resume_bit_exactly_and_match_the_main_process(uninterrupted, ma
     _ok(train(out, manifests, workers=2))
     assert max_diff(last_weights(uninterrupted), last_weights(out)) == 0
     assert (out / "train_log.txt").read_text() == (uninterrupted / "train_log.txt").read_text()
+
+
+def test_ddp_run_resumes_bit_exactly(manifests, tmp_path):
+    """Two processes (torchrun, gloo): each draws its own dropout, so a checkpoint holds every
+    process's generators (the main process writes it), and both resume from their own."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    ddp = (torchrun, "--standalone", "--nproc-per-node", "2")
+    full, out = tmp_path / "full", tmp_path / "out"
+    _ok(train(full, manifests, launcher=ddp))
+    assert train(out, manifests, fault="train_batch:3", launcher=ddp).returncode != 0
+    _ok(train(out, manifests, launcher=ddp))
+    assert max_diff(last_weights(full), last_weights(out)) == 0
+    assert (out / "train_log.txt").read_text() == (full / "train_log.txt").read_text()
 
 
 def test_batch_speed_perturbation_resumes_bit_exactly(manifests, tmp_path):
