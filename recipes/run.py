@@ -62,7 +62,7 @@ def setup(argv, kind, mps_note=None):
                      "audio; batch_size unused)")
     if "mamba" in f"{hparams.get('encoder_module')} {hparams.get('decoder_module')}":
         try:  # the scan module's own decision, made again at each scan
-            lines.append(f"  {describe_backend(device)}")
+            lines.append(f"  {describe_backend(device, precision=hparams.get('precision'))}")
         except ValueError as err:  # a forced backend (MAMBA_SCAN_BACKEND) that cannot run here
             raise RecipeError(str(err)) from err
         # Every scan of the run on the compiled CPU kernels, as training's: else validation or

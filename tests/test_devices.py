@@ -114,5 +114,8 @@ def test_mamba_scan_start_up_line(monkeypatch):
         assert describe_backend("cpu") == (
             "Mamba selective scan: compiled CPU scan (numba kernels) (backend 'torch': tensors "
             "on cpu)")
+        assert describe_backend("cpu", precision="bf16") == (  # bf16 activations: not compiled
+            "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on cpu; the "
+            "compiled kernels take float32, this run is bf16)")
     assert describe_backend("mps") == (
         "Mamba selective scan: pure-PyTorch scan (backend 'torch': tensors on mps)")

@@ -724,14 +724,17 @@ def resolve_backend(backend, u, streaming=False):
     return _resolve(backend, u.device.type, u.dtype, streaming)[0]
 
 
-def describe_backend(device, backend=None):
+def describe_backend(device, backend=None, precision="fp32"):
     """One line naming the backend the Mamba layers' scans will use on ``device`` (e.g. "cuda:0")
-    for float32/bf16 training, and why; the same decision as ``selective_scan`` makes per call.
-    ValueError when a forced backend cannot run there."""
+    for training in ``precision`` (fp32, bf16, fp16), and why; the same decision as
+    ``selective_scan`` makes per call. ValueError when a forced backend cannot run there."""
     device_type = torch.device(device).type
     choice, why = _resolve(backend, device_type, torch.float32)
-    # the torch backend trains on the compiled kernels wherever they can load (scan_cpu)
+    # the torch backend trains on the compiled kernels wherever they can load (scan_cpu), in
+    # float32: under bf16/fp16 autocast the activations it gets are not
     compiled = choice == "torch" and device_type == "cpu" and scan_cpu.available()
+    if compiled and precision not in (None, "fp32"):
+        compiled, why = False, f"{why}; the compiled kernels take float32, this run is {precision}"
     label = LABELS["compiled" if compiled else choice]
     return f"Mamba selective scan: {label} (backend {choice!r}: {why})"
 
