@@ -2,6 +2,7 @@
 experiment folder, LibriSpeech preparation) and the train / test / export sequence."""
 
 import dataclasses
+import glob
 import logging
 import math
 import os
@@ -158,6 +159,14 @@ def fit_schedule_to_data(hparams, train, train_sampler, world_size=1):
     return scheduler.num_training_steps
 
 
+def interrupted_message(save_folder):
+    """What to do after Ctrl-C during training."""
+    if glob.glob(os.path.join(save_folder, "CKPT+*")):
+        return (f"interrupted; rerun the same command to continue from the last checkpoint in "
+                f"{save_folder}")
+    return "interrupted before the first checkpoint; rerun the same command to start over"
+
+
 def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
     """The whole recipe: set-up, tokenizer (+ LM), data, training (unless skip_train /
     --test_only), testing with the averaged best checkpoints, export to inference_folder.
@@ -184,8 +193,11 @@ def train_test_export(argv, brain_class, make_test_searcher, mps_note=None):
         # on every process: its log_stats synchronises them and writes on the main one only
         tensorboard=tensorboard() if tensorboard is not None else None)
     if not hparams["skip_train"] and not run_opts.test_only:
-        brain.fit(brain.hparams.epoch_counter, train, valid,
-                  train_loader_kwargs=train_opts, valid_loader_kwargs=valid_opts)
+        try:
+            brain.fit(brain.hparams.epoch_counter, train, valid,
+                      train_loader_kwargs=train_opts, valid_loader_kwargs=valid_opts)
+        except KeyboardInterrupt:
+            raise RecipeError(interrupted_message(hparams["save_folder"])) from None
     brain.test(tests, wer_name="wer_no_lm" if kind == "S2S" and lm_model is None else "wer")
     run_on_main(export_inference_folder, args=[hparams, kind, tokenizer_file],
                 kwargs={"lm_model": lm_model})

@@ -139,6 +139,31 @@ def test_ddp_run_resumes_bit_exactly(manifests, tmp_path):
     assert (out / "train_log.txt").read_text() == (full / "train_log.txt").read_text()
 
 
+def test_ctrl_c_says_how_to_continue(manifests, tmp_path):
+    import signal
+    import time
+
+    train_csv, valid_csv, test_csv = manifests
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "train_CTC.py"), str(REPO / "hparams/CTC/tiny.yaml"),
+           "--device", "cpu", "--data_folder", str(CORPUS), "--train_csv", train_csv,
+           "--valid_csv", valid_csv, "--test_csv", f"[{test_csv}]", "--output_folder", str(out),
+           "--num_workers", "0", "--noprogressbar", "--batch_size", "4",
+           "--number_of_epochs", "200", "--ckpt_interval_steps", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list((out / "save").glob("CKPT+*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "ERROR: interrupted; rerun the same command to continue from the last checkpoint in "
+        f"{out / 'save'}")
+
+
 def test_batch_speed_perturbation_resumes_bit_exactly(manifests, tmp_path):
     """speed_perturb_per: batch draws each batch's speed from the main process's generator,
     which checkpoints hold: a run killed mid-epoch and resumed ends as the uninterrupted one."""
