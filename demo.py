@@ -441,11 +441,14 @@ def run_training(cmd, env):
         signal.signal(signal.SIGINT, handler)
 
 
-def training_failed(out):
-    """The DemoError of a failed train_CTC.py run, naming its log file if it wrote one."""
+def training_failed(out, resume=False):
+    """The DemoError of a failed train_CTC.py run, naming its log file if it wrote one; after
+    --resume, also demo.py's own ways out (train_CTC.py's message names its options)."""
     log = os.path.join(out, "log.txt")
     details = f"; details in {log}" if os.path.isfile(log) else ""
-    return DemoError(f"train_CTC.py failed (its error is above{details})")
+    fix = (". With demo.py: run without --resume to start over in that folder, or pass "
+           "--output-folder DIR" if resume else "")
+    return DemoError(f"train_CTC.py failed (its error is above{details}){fix}")
 
 
 def main(argv=None):
@@ -475,7 +478,7 @@ def main(argv=None):
     print("Training:", " ".join(cmd), flush=True)
     t0 = time.time()
     if run_training(cmd, env) != 0:
-        raise training_failed(out)
+        raise training_failed(out, args.resume)
     train_seconds = time.time() - t0
 
     epochs = hparams_value(os.path.join(out, "hyperparams.yaml"), "number_of_epochs",

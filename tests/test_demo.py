@@ -210,8 +210,10 @@ def test_earlier_demo_folder_is_replaced(tmp_path, failed_training, marker):
     with pytest.raises(demo.DemoError, match=f"details in {re.escape(str(out / 'log.txt'))}"):
         demo.main(["--output-folder", str(out)])
     (out / "save").mkdir()
-    with pytest.raises(demo.DemoError, match="train_CTC.py failed"):  # --resume keeps it all
-        demo.main(["--output-folder", str(out), "--resume"])
+    with pytest.raises(demo.DemoError, match="train_CTC.py failed") as error:  # --resume keeps
+        demo.main(["--output-folder", str(out), "--resume"])  # it all
+    assert str(error.value).endswith("With demo.py: run without --resume to start over in that "
+                                     "folder, or pass --output-folder DIR")
     assert failed_training[1:] == [[demo.MARKER], [demo.MARKER, "log.txt", "save"]]
 
 
