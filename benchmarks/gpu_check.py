@@ -14,7 +14,8 @@ Rows of the table, per backend (cuda = mamba-ssm's kernel, if installed; triton;
              for the parity rows) and bf16 inputs (against the reference on the same bf16 values,
              computed in float32); the worst relative error and which tensor it is.
   scan       forward (no grad) and forward+backward time (median of 5 after a warm-up) and peak
-             memory above the inputs, bf16 u/delta/B/C/z as in training, batch 32, d_inner 1024,
+             memory above the inputs, bf16 u/delta/B/C/z in the layout a BiMamba layer passes
+             (channels innermost, B and C shared by two channel groups), batch 32, d_inner 1024,
              d_state 16, L 250 and 875 (10 s and 35 s of audio after 4x subsampling).
   train      one bf16 training step (forward, CTC [+ decoder] loss, backward, AdamW step) of
              hparams/S2S/conmamba_large.yaml, hparams/CTC/conmamba_large.yaml and
@@ -78,29 +79,52 @@ class Device:
         return statistics.median(times), peak
 
 
+_CUDA_ERROR = []  # the first CUDA error: it is sticky, every later CUDA call fails with it
+
+
 def guarded(check, backend, case, fn):
-    """fn() -> rows; an exception becomes one FAIL row (the other rows still run)."""
+    """fn() -> rows; an exception becomes one FAIL row (the other rows still run). After a
+    CUDA error (an illegal memory access...) the process's CUDA context is unusable: later rows
+    say so instead of failing with the same error."""
+    if _CUDA_ERROR:
+        return [(check, backend, case, f"SKIP (after the CUDA error in {_CUDA_ERROR[0]})", "",
+                 "")]
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 (report it in the table, carry on)
         message = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        if "CUDA error" in message or type(err).__name__ == "AcceleratorError":
+            _CUDA_ERROR.append(f"{check} {backend} {case}")
         return [(check, backend, case, f"FAIL {message}", "", "")]
 
 
-def make_inputs(batch, d_inner, d_state, length, device, seed=0):
-    """Inputs in the ranges a trained Mamba block sees (float32)."""
+def make_inputs(batch, d_inner, d_state, length, device, seed=0, training_layout=False):
+    """Inputs in the ranges a trained Mamba block sees (float32). training_layout: as a BiMamba
+    layer passes them (modules.mamba.mamba_blocks.BiMamba._both_directions): u, delta, z
+    (batch, d_inner, L) views of (batch, L, d_inner) tensors (channels innermost), B and C
+    (batch, 2, d_state, L) shared by the two halves of the channels (the two directions), views
+    of (batch, L, 2, d_state) tensors; else contiguous tensors and B, C (batch, d_state, L)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g)
 
+    def activation(scale=1.0):
+        if training_layout:
+            return (scale * randn(batch, length, d_inner)).to(device).transpose(1, 2)
+        return (scale * randn(batch, d_inner, length)).to(device)
+
+    def states():
+        if training_layout:
+            return randn(batch, length, 2, d_state).to(device).permute(0, 2, 3, 1)
+        return randn(batch, d_state, length).to(device)
+
     A = -torch.arange(1, d_state + 1.0).expand(d_inner, -1)
     A = A * torch.exp(0.3 * randn(d_inner, d_state))
-    inputs = {"u": randn(batch, d_inner, length), "delta": 0.5 * randn(batch, d_inner, length),
-              "A": A, "B": randn(batch, d_state, length), "C": randn(batch, d_state, length),
-              "D": 1 + 0.1 * randn(d_inner), "z": randn(batch, d_inner, length),
-              "delta_bias": -2.3 - 4.5 * torch.rand(d_inner, generator=g)}
-    return {k: v.to(device) for k, v in inputs.items()}
+    inputs = {"u": activation(), "delta": activation(0.5), "A": A.to(device), "B": states(),
+              "C": states(), "D": (1 + 0.1 * randn(d_inner)).to(device), "z": activation(),
+              "delta_bias": (-2.3 - 4.5 * torch.rand(d_inner, generator=g)).to(device)}
+    return inputs
 
 
 def run_scan(backend, inputs, grad_out, backward=True):
@@ -113,6 +137,21 @@ def run_scan(backend, inputs, grad_out, backward=True):
     return {"out": out, "last": last, **{f"d{k}": args[k].grad for k in ARG_NAMES}}
 
 
+def timed_scan(backend, leaves, grad_out, backward):
+    """One scan call for the timing rows on inputs made once (``leaves``, requiring grad for
+    backward): no copies, grad_out in the output's dtype, gradients dropped after it, so the
+    peak memory is the scan's own."""
+    args = [leaves[k] for k in ARG_NAMES]
+    if not backward:
+        with torch.no_grad():
+            ss.selective_scan(*args, delta_softplus=True, backend=backend)
+        return
+    out = ss.selective_scan(*args, delta_softplus=True, backend=backend)
+    out.backward(grad_out)
+    for leaf in args:
+        leaf.grad = None
+
+
 def worst_error(got, want):
     """(max relative error, tensor name) over the results."""
     errs = {name: ((got[name].double() - ref.double()).abs().max()
@@ -123,9 +162,18 @@ def worst_error(got, want):
 
 
 def parity_rows(backends, device, shape):
-    rows = []
+    """The parity rows, with TF32 off; the flags are restored after (training runs with them)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _parity_rows(backends, device, shape)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _parity_rows(backends, device, shape):
+    rows = []
     inputs = make_inputs(*shape, device)
     grad_out = torch.randn(shape[0], shape[1], shape[3], device=device)
     low = {k: (v.bfloat16() if k in LOW else v) for k, v in inputs.items()}
@@ -151,25 +199,27 @@ def parity_rows(backends, device, shape):
 def scan_rows(backends, dev, shapes):
     rows = []
     for shape in shapes:
-        inputs = make_inputs(*shape, dev.name)
-        low = {k: (v.bfloat16() if k in LOW else v) for k, v in inputs.items()}
-        grad_out = torch.randn(shape[0], shape[1], shape[3], device=dev.name)
+        inputs = make_inputs(*shape, dev.name, training_layout=True)
+        # bf16 activations as under autocast, in the layout training passes (see make_inputs)
+        leaves = {k: (v.bfloat16() if k in LOW else v).requires_grad_() for k, v in
+                  inputs.items()}
+        grad_out = torch.randn(shape[0], shape[1], shape[3], device=dev.name,
+                               dtype=torch.bfloat16)
         for backend in backends:
             if backend == "ref":
                 continue
 
             def timed(backend=backend):
-                def forward():
-                    with torch.no_grad():
-                        run_scan(backend, low, grad_out, backward=False)
-
-                fwd_ms, fwd_mib = dev.measure(forward)
-                both_ms, both_mib = dev.measure(lambda: run_scan(backend, low, grad_out))
+                fwd_ms, fwd_mib = dev.measure(
+                    lambda: timed_scan(backend, leaves, grad_out, backward=False))
+                both_ms, both_mib = dev.measure(
+                    lambda: timed_scan(backend, leaves, grad_out, backward=True))
                 return [("scan fwd", backend, case, "", f"{fwd_ms:.1f}", f"{fwd_mib:.0f}"),
                         ("scan fwd+bwd", backend, case, "", f"{both_ms:.1f}", f"{both_mib:.0f}")]
 
             case = f"bf16 {shape}"
             rows += guarded("scan", backend, case, timed)
+        del leaves, inputs
     return rows
 
 
@@ -317,6 +367,10 @@ def main(argv=None):
                          lambda: converge_rows(dev, converge, 30, task_kwargs))
         rows += result
         ok = "falls" in result[0][3] and "NOT" not in result[0][3]
+    else:
+        rows.append(("converge", "auto", converge, "not run (over --budget-s): not checked",
+                     "", ""))
+        ok = False
     print_table(rows)
     print(f"total {time.perf_counter() - begin:.0f} s")
     failed = [r for r in rows if "FAIL" in r[3]] or not ok

@@ -81,8 +81,9 @@ class RandomState:
         random.setstate((version, tuple(mt), gauss))
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and torch.cuda.is_available():  # per device, of those both have
+            for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
 
 
 def loader_generator(seed):

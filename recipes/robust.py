@@ -78,7 +78,9 @@ class FaultTolerance:
         try:
             return super().fit_batch(batch)
         except NonFiniteLoss as e:
-            return e.args[0]
+            if self.step % self.grad_accumulation_factor == 0:  # this batch would have stepped:
+                self.zero_grad(set_to_none=True)  # the window's gradients go with it (else the
+            return e.args[0]  # next step would add them to its own window's)
 
     def evaluate_batch(self, batch, stage):
         if stage == sb.Stage.VALID:

@@ -320,7 +320,8 @@ def _old_corpus(tmp_path):
     for split in ("train", "valid", "test", "real"):
         (out / "audio" / split).mkdir(parents=True)
         (out / "audio" / split / "old.ogg").write_bytes(b"old " + split.encode())
-        (out / f"{split}.csv").write_text(f"ID,duration,wav,spk_id,wrd\nold,1.0,audio/{split}/old.ogg,x,A\n")
+        (out / f"{split}.csv").write_text(
+            f"ID,duration,wav,spk_id,wrd\nold,1.0,audio/{split}/old.ogg,x,A\n")
     (out / "notes.txt").write_text("mine")
     sentences = tmp_path / "s.txt"  # every word in every sentence: any one can be train
     sentences.write_text("THE CAT SAT ON THE MAT\nTHE MAT SAT ON THE CAT\nON THE MAT THE CAT SAT\n")

@@ -50,12 +50,13 @@ def manifests(tmp_path_factory):
             _write(tmp / "test.csv", _shortest("test", 1)))
 
 
-def train(out, manifests, *extra, fault=None, workers=0, epochs=2, launcher=(sys.executable,)):
+def train(out, manifests, *extra, fault=None, workers=0, epochs=2, launcher=(sys.executable,),
+          batch_size=4):
     train_csv, valid_csv, test_csv = manifests
     cmd = [*launcher, str(REPO / "train_CTC.py"), str(REPO / "hparams/CTC/tiny.yaml"),
            "--device", "cpu", "--data_folder", str(CORPUS), "--train_csv", train_csv,
            "--valid_csv", valid_csv, "--test_csv", f"[{test_csv}]", "--output_folder", str(out),
-           "--num_workers", str(workers), "--noprogressbar", "--batch_size", "4",
+           "--num_workers", str(workers), "--noprogressbar", "--batch_size", str(batch_size),
            "--number_of_epochs", str(epochs), "--ckpt_interval_steps", "1",
            "--ckpt_interval_minutes", "0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -193,6 +194,16 @@ def test_nan_losses_are_skipped_then_stop_the_run(manifests, tmp_path):
     error = many.stderr.split("ERROR: ")[-1]
     assert "NaN/inf for 2 batches in a row" in error and "nonfinite_patience 1" in error
     assert "Traceback" not in error and list((tmp_path / "many" / "save").glob("CKPT+*"))
+
+
+def test_a_skipped_stepping_batch_drops_its_accumulation_window(manifests, tmp_path):
+    """With gradient accumulation, a non-finite loss on the batch that would step drops the
+    window's gradients: NaN at batch 2 trains exactly as NaN at batches 1 and 2 (batch 1's
+    gradients leaked into the next step before)."""
+    acc = ("--grad_accumulation_factor", "2")  # batches of 2: 6, steps at 2, 4, 6
+    _ok(train(tmp_path / "two", manifests, *acc, epochs=1, fault="nan_loss:2", batch_size=2))
+    _ok(train(tmp_path / "both", manifests, *acc, epochs=1, fault="nan_loss:1-2", batch_size=2))
+    assert max_diff(last_weights(tmp_path / "two"), last_weights(tmp_path / "both")) == 0
 
 
 def test_bad_data_skip_trains_without_the_unreadable_file(manifests, tmp_path):

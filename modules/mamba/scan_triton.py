@@ -25,6 +25,8 @@ Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels ru
 that is how the tests check them without a GPU.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -223,6 +225,12 @@ def _bwd_kernel(
     tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
+def _on_device(u):
+    """Triton launches on the current CUDA device: make it u's (tensors on cuda:1 while the
+    current device is 0 would fail, or run on device 0's stream)."""
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
 def _groups(B):
     return B.shape[1] if B.dim() == 4 else 1
 
@@ -276,17 +284,18 @@ class _TritonScanFn(torch.autograd.Function):
         states = u.new_empty((batch, n_chunks, d_inner, d_state) if save else (1,), dtype=f32)
         last = u.new_empty(batch, d_inner, d_state, dtype=f32)
         dummy = A  # stands in for absent optional pointers (never read)
-        _fwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
-            delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
-            lengths if lengths is not None else dummy, out, states, last,
-            d_inner, length, d_state, n_chunks, group_blocks,
-            *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
-            *out.stride(), *A.stride(),
-            BLOCK=block, N_PAD=n_pad, CHUNK_T=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None, HAS_LEN=lengths is not None,
-            SOFTPLUS=bool(delta_softplus), SAVE_STATES=save,
-        )
+        with _on_device(u):
+            _fwd_kernel[(batch, n_dblocks)](
+                u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
+                delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
+                lengths if lengths is not None else dummy, out, states, last,
+                d_inner, length, d_state, n_chunks, group_blocks,
+                *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
+                *out.stride(), *A.stride(),
+                BLOCK=block, N_PAD=n_pad, CHUNK_T=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None, HAS_LEN=lengths is not None,
+                SOFTPLUS=bool(delta_softplus), SAVE_STATES=save,
+            )
         ctx.delta_softplus = bool(delta_softplus)
         ctx.has_h0 = h0 is not None
         ctx.chunk = CHUNK
@@ -320,19 +329,20 @@ class _TritonScanFn(torch.autograd.Function):
         dD_part, dbias_part = (u.new_empty(batch, d_inner, dtype=f32) for _ in range(2))
         scratch = u.new_empty(batch * n_dblocks * (chunk + 1) * block * n_pad, dtype=f32)
         dummy = A
-        _bwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
-            delta_bias if delta_bias is not None else dummy,
-            lengths if lengths is not None else dummy, states, dout, scratch,
-            du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part,
-            dbias_part, dh0,
-            d_inner, length, d_state, states.shape[1], n_dblocks, group_blocks,
-            *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
-            *dout.stride(), *A.stride(),
-            BLOCK=block, N_PAD=n_pad, CHUNK_T=chunk, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, HAS_LEN=lengths is not None,
-            SOFTPLUS=ctx.delta_softplus,
-        )
+        with _on_device(u):
+            _bwd_kernel[(batch, n_dblocks)](
+                u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
+                delta_bias if delta_bias is not None else dummy,
+                lengths if lengths is not None else dummy, states, dout, scratch,
+                du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part,
+                dbias_part, dh0,
+                d_inner, length, d_state, states.shape[1], n_dblocks, group_blocks,
+                *u.stride(), *delta.stride(), *_strides(z), *_bc_strides(B), *_bc_strides(C),
+                *dout.stride(), *A.stride(),
+                BLOCK=block, N_PAD=n_pad, CHUNK_T=chunk, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, HAS_LEN=lengths is not None,
+                SOFTPLUS=ctx.delta_softplus,
+            )
         dB, dC = (part.view(batch, groups, group_blocks, d_state, length).sum(2).view(x.shape)
                   .to(x.dtype) for part, x in ((dB_part, B), (dC_part, C)))
         dD = None if D is None else dD_part.sum(0)
