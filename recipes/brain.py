@@ -58,6 +58,12 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         self.tensorboard = tensorboard
         self.result_files = {}  # {"wer": path, "cer": path} of the test set being evaluated
 
+    def on_fit_start(self):
+        super().on_fit_start()  # recovers the last checkpoint
+        scheduler = getattr(self.hparams, "noam_annealing", None)
+        if getattr(scheduler, "fitted_steps", None) is not None:  # see run.fit_schedule_to_data
+            scheduler.num_training_steps = scheduler.fitted_steps
+
     # --- front end: augmentation and the labels it replicates, together -----------------------
 
     def _augmenting(self, stage):

@@ -84,6 +84,12 @@ def route_overrides(path, overrides, free_keys=()):
     """
     tree = _read_tree(path)
     inc_key, inc_file = _include_key(tree)
+    if inc_key is None and hasattr(tree.get("recipe"), "keys") and "recipe_hparams" in tree:
+        raise RecipeError(
+            f"{path} is the resolved hyperparams.yaml a run writes into its output folder, not a "
+            "recipe: rerun with the recipe it was made from (hparams/CTC/... or hparams/S2S/...) "
+            "and the same --key value options (the folder's run_settings.json lists the run's "
+            "values)")
     inner = {}
     if inc_key is not None:
         inner = _read_tree(os.path.join(os.path.dirname(os.path.abspath(path)), inc_file))
@@ -130,7 +136,7 @@ def _check_type(key, value, default):
 # sizes that must be positive integers (expand: a positive number), where a recipe has them
 POSITIVE_INTS = ("d_model", "nhead", "num_encoder_layers", "d_ffn", "d_state", "d_conv",
                  "output_neurons", "n_mels", "number_of_epochs", "lm_d_model", "lm_nhead",
-                 "lm_num_layers", "lm_d_ffn")
+                 "lm_num_layers", "lm_d_ffn", "avg_checkpoints")
 ATTENTION_ENCODERS = ("conformer", "transformer", "branchformer")
 
 
@@ -149,6 +155,14 @@ def check_sizes(values):
     layers = values.get("num_decoder_layers")
     if _is_number(layers) and (int(layers) != layers or layers < 0):
         raise RecipeError(f"num_decoder_layers is {layers}: give a whole number >= 0")
+    if _is_number(layers) and "seq_cost" in values and layers < 1:  # an S2S recipe
+        raise RecipeError("num_decoder_layers is 0: an attention (S2S) recipe decodes with its "
+                          "decoder; give a whole number >= 1 (for no decoder, train_CTC.py)")
+    if _is_number(layers) and "seq_cost" not in values and "inter_ctc_weight" in values \
+            and layers > 0:  # a CTC recipe
+        raise RecipeError(f"num_decoder_layers is {layers}: a CTC recipe has no decoder (it "
+                          "would be built and trained for nothing); leave it at 0, or use "
+                          "train_S2S.py")
     expand = values.get("expand")
     if expand is not None and _is_number(expand) and expand <= 0:
         raise RecipeError(f"expand is {expand}: give a number > 0 (d_inner = expand * d_model)")
@@ -239,6 +253,11 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
     fill = {k: v for k, (v, src) in settings.items() if src != "yaml" and k not in user}
     routed, inc_key = route_overrides(path, {**user, **fill}, free_keys=tuple(PRESETS[kind]))
     with open(path) as f:
-        hparams = flatten(load_hyperpyyaml(f, routed, overrides_must_match=False), inc_key)
+        try:
+            hparams = flatten(load_hyperpyyaml(f, routed, overrides_must_match=False), inc_key)
+        except (ValueError, AssertionError) as e:  # a module refusing its arguments
+            what = str(e).strip() or "an assertion without a message (an unknown option value?)"
+            raise RecipeError(f"{path} cannot be built with these values: {type(e).__name__}: "
+                              f"{what}") from e
     hparams["recipe_yaml"] = resolved_yaml(path, routed, inc_key)
     return hparams, routed, settings

@@ -148,6 +148,9 @@ def fit_schedule_to_data(hparams, train, train_sampler, world_size=1):
     # sb.Brain steps on every grad_accumulation_factor-th batch of an epoch (the rest are dropped)
     steps_per_epoch = max(1, batches // (hparams.get("grad_accumulation_factor") or 1))
     scheduler.num_training_steps = hparams["number_of_epochs"] * steps_per_epoch
+    # a checkpoint's load restores the length it was saved with; RecipeBrain.on_fit_start puts
+    # this run's back (continuing with more epochs stretches the decay)
+    scheduler.fitted_steps = scheduler.num_training_steps
     if scheduler.num_training_steps <= scheduler.num_warmup_steps:
         raise RecipeError(
             f"n_warmup_steps ({scheduler.num_warmup_steps}) must be below the run's "

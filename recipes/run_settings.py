@@ -42,16 +42,26 @@ TESTING_ONLY = frozenset({
 })
 
 
+def _scalar(value):
+    return isinstance(value, (bool, int, float, str)) or value is None
+
+
+# mappings recorded too: model settings not all given by plain keys (bimamba_merge, dt_rank...);
+# the others (data loader and searcher options) only repeat plain keys
+MAPPINGS = ("mamba_config",)
+
+
 def _plain(value):
-    if isinstance(value, (bool, int, float, str)) or value is None:
+    """Numbers, strings, booleans, None, and lists of them."""
+    if _scalar(value):
         return True
-    return isinstance(value, (list, tuple)) and all(_plain(v) and not isinstance(v, (list, tuple))
-                                                    for v in value)
+    return isinstance(value, (list, tuple)) and all(_scalar(v) for v in value)
 
 
 def run_settings(hparams):
     """{key: value} of the plain values of a loaded recipe (JSON types)."""
     plain = {k: v for k, v in hparams.items() if k != "recipe_yaml" and _plain(v)}
+    plain.update({k: dict(hparams[k]) for k in MAPPINGS if hasattr(hparams.get(k), "keys")})
     return json.loads(json.dumps(plain, sort_keys=True))
 
 
@@ -79,7 +89,8 @@ def check_same_run(hparams, testing_only=False):
     free = RESUMABLE | set(PRESETS["cpu"]) | set(PRESETS["cuda"]) | set(PRESETS["mps"])
     free |= TESTING_ONLY if testing_only else set()
     changed = [k for k in sorted(set(before) | set(now))
-               if k not in free and before.get(k) != now.get(k)]
+               if k not in free and before.get(k) != now.get(k)
+               and not (k in MAPPINGS and k not in before)]  # records made before they were
     if not changed:
         return
     shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])

@@ -208,6 +208,10 @@ def test_override_of_a_recipe_value_reaches_every_copy(repo_root, tmp_path):
     ({"d_state": None}, "d_state is null"),
     ({"nhead": 3}, "d_model 512 is not divisible by nhead 3"),
     ({"lm_d_model": 128}, "lm_d_model 128 is not divisible by lm_nhead 12"),
+    ({"avg_checkpoints": 0}, "avg_checkpoints is 0: give a whole number >= 1"),
+    ({"num_decoder_layers": 0}, "num_decoder_layers is 0: an attention \\(S2S\\) recipe"),
+    ({"d_model": 511, "nhead": 1}, "cannot be built with these values: ValueError: .*odd"),
+    ({"mamba_config": {"bimamba_merge": "max"}}, "cannot be built.*bimamba_merge"),
 ])
 def test_sizes_that_cannot_build_a_model_are_refused(overrides, message, repo_root, tmp_path):
     """Checked before anything is built, with the key named (they used to fail deep inside
@@ -259,3 +263,16 @@ def test_yaml_int_reads_plain_integers_only():
     assert yaml_int(text, "lm_d_model", top_level=True) == 12
     assert yaml_int(text, "lr") is None and yaml_int(text, "d_state") is None
     assert yaml_int("lm_d_model2: 5\n", "lm_d_model") is None
+
+
+def test_ctc_decoder_layers_and_resolved_yaml_are_refused(repo_root, tmp_path):
+    with pytest.raises(RecipeError, match="num_decoder_layers is 2: a CTC recipe has no decoder"):
+        _tiny(repo_root, tmp_path, num_decoder_layers=2)
+    saved = tmp_path / "hyperparams.yaml"  # as a run writes it: the included recipe resolved
+    text = (repo_root / "hparams/CTC/tiny.yaml").read_text()
+    common = (repo_root / "hparams/common/CTC.yaml").read_text()
+    inlined = text.split("recipe: !include:")[0] + "recipe:\n" + "".join(
+        f"    {line}\n" for line in common.splitlines() if line.strip())
+    saved.write_text(inlined.replace("<<: *recipe_hparams  #", "#"))
+    with pytest.raises(RecipeError, match="resolved hyperparams.yaml a run writes"):
+        load_recipe(str(saved), {"output_folder": str(tmp_path)})

@@ -318,3 +318,19 @@ def test_linear_schedule_fitted_to_the_data():
         fit_schedule_to_data({**hp, "number_of_epochs": 1, "batch_size": 100}, range(100), None)
     noam = NoamScheduler(1.0, 10)
     assert fit_schedule_to_data({**hp, "noam_annealing": noam}, range(100), None) is None
+
+
+def test_continuing_a_linear_schedule_with_more_epochs_stretches_it(csvs, tmp_path):
+    """demo.yaml's linear decay ends at the run's last step: a run continued with more epochs
+    decays over the new length (a checkpoint's load restored the old one: lr 0 from then on)."""
+    out = tmp_path / "out"
+    tiny = ["--d_model", "32", "--nhead", "2", "--num_encoder_layers", "2", "--d_ffn", "64",
+            "--d_state", "4", "--n_warmup_steps", "1", "--beam_size", "2", "--cache_audio",
+            "False"]
+    run("train_CTC.py", "hparams/CTC/demo.yaml", out, csvs, *tiny, "--number_of_epochs", "2")
+    run("train_CTC.py", "hparams/CTC/demo.yaml", out, csvs, *tiny, "--number_of_epochs", "4")
+    lines = [line for line in (out / "train_log.txt").read_text().splitlines()
+             if line.startswith("epoch")]
+    lrs = [float(re.search(r"lr: ([0-9.e+-]+)", line).group(1)) for line in lines]
+    assert len(lrs) == 4 and lrs[1] == 0.0  # the 2-epoch run ended its decay
+    assert lrs[2] > 0.0 and lrs[3] == 0.0  # the continued run decays over 4 epochs

@@ -9,7 +9,8 @@ from recipes.run_settings import check_same_run, record_run
 
 def _run(tmp_path, **values):
     hparams = {"output_folder": str(tmp_path), "save_folder": str(tmp_path / "save"),
-               "d_state": 16, "no_lm": False, "number_of_epochs": 5, "model": object(), **values}
+               "d_state": 16, "no_lm": False, "number_of_epochs": 5, "model": object(),
+               "mamba_config": {"d_state": 16}, **values}
     return hparams
 
 
@@ -23,6 +24,8 @@ def test_only_changed_settings_that_matter_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="no_lm: False there, True now"):
         check_same_run(_run(tmp_path, no_lm=True))
     check_same_run(_run(tmp_path, no_lm=True), testing_only=True)  # testing without the LM
+    with pytest.raises(RecipeError, match="mamba_config: .*bimamba_merge"):  # mappings count
+        check_same_run(_run(tmp_path, mamba_config={"d_state": 16, "bimamba_merge": "sum"}))
     check_same_run(_run(tmp_path, sorting="random", lr_model=0.01, train_csv="other.csv"),
                    testing_only=True)  # training options a re-test need not repeat
     with pytest.raises(RecipeError, match="sorting: None there, 'random' now"):
