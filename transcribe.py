@@ -12,7 +12,8 @@ Output: one line per file, in the order given: PATH<TAB>TRANSCRIPT (--text-only:
 empty line for a file that failed). Options may come before, between or after the files.
 Any sample rate and channel count (resampled to the model's rate, channels averaged); formats
 that libsndfile reads (WAV, FLAC, OGG, ...). Audio longer than --chunk-seconds is split into
-chunks overlapping by --overlap-seconds whose transcripts are merged, so memory stays bounded.
+chunks overlapping by --overlap-seconds whose transcripts are merged, so the model's memory stays bounded (the file is
+read into memory whole).
 An unreadable or empty audio file is reported on stderr and the others are transcribed (exit
 status 1 when any failed; --fail-fast stops at the first, before decoding anything when its
 header is bad; --stream too). A model folder error (missing or damaged folder, a hyperparams.yaml

@@ -13,7 +13,8 @@ LM).
 Any sample rate is resampled to the model's and channels are averaged; audio shorter than the
 front end's window (min_samples: 60 ms for the recipes' CNN) is zero-padded to it. Audio longer
 than chunk_seconds is cut into equal chunks overlapping by overlap_seconds, decoded in batches of
-batch_size segments (memory stays bounded whatever the file's length) and merged (merge_words).
+batch_size segments (the model's memory stays bounded whatever the file's length; the file is
+held in memory whole) and merged (merge_words).
 The default chunk length depends on the model (default_chunk_seconds): CTC models with a Mamba
 encoder, linear in time and memory, take minutes in one piece; attention encoders, quadratic in
 the chunk length, and every S2S model keep 30 s.
@@ -127,19 +128,32 @@ def chunk_bounds(n_samples, chunk_samples, overlap_samples):
 
 
 def merge_words(left, right, left_overlap_words, right_overlap_words):
-    """Joins the words of two chunks that overlap in time.
+    """Joins the words of two chunks that overlap in time (*_overlap_words: the words each is
+    estimated to have in the overlap; both 0: no overlap, the chunks are joined as they are).
 
     The join is at the middle of the longest word run that both chunks transcribe in the overlap
-    (left's last and right's first ~overlap_words + 2 words); without a common word, each side
-    drops the words estimated to lie in its half of the overlap (half of *_overlap_words).
+    (left's last and right's first ~overlap_words + 2 words) and that lies where the overlap is:
+    a word in the overlap has as many words after it in left's overlap as before it in right's
+    overlap (together ~overlap_words), so a run placed otherwise (a common word such as THE
+    matching another THE) is not used. Without such a run each side drops the words estimated
+    to lie in its half of the overlap (half of *_overlap_words).
     """
+    if left_overlap_words == 0 and right_overlap_words == 0:
+        return left + right
     tail = max(0, len(left) - left_overlap_words - 2)
     head = min(len(right), right_overlap_words + 2)
-    match = difflib.SequenceMatcher(None, left[tail:], right[:head], autojunk=False) \
-        .find_longest_match(0, len(left) - tail, 0, head)
-    if match.size:
-        cut = match.size // 2
-        return left[: tail + match.a + cut] + right[match.b + cut:]
+    expected = (left_overlap_words + right_overlap_words) / 2
+    best = None
+    for a, b, size in difflib.SequenceMatcher(None, left[tail:], right[:head],
+                                              autojunk=False).get_matching_blocks():
+        offset = len(left) - (tail + a) + b  # == the overlap's words for a run inside it
+        tolerance = (1 + 0.25 * expected) if size == 1 else (2 + 0.5 * expected)
+        if size and abs(offset - expected) <= tolerance and (best is None or size > best[2]):
+            best = (a, b, size)
+    if best is not None:
+        a, b, size = best
+        cut = size // 2
+        return left[: tail + a + cut] + right[b + cut:]
     return left[: len(left) - left_overlap_words // 2] + right[right_overlap_words // 2:]
 
 
@@ -165,16 +179,17 @@ class Transcriber:
             chunk_seconds = default_chunk_seconds(getattr(asr.hparams, "encoder_module", None),
                                                   kind)
         self.sample_rate = int(asr.hparams.sample_rate)
-        if not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds
-                and round(overlap_seconds * self.sample_rate)
-                < round(chunk_seconds * self.sample_rate)):
-            raise TranscriberError(f"Need 0 < chunk_seconds < inf and 0 <= overlap_seconds < "
-                                   f"chunk_seconds, at least one sample ({1 / self.sample_rate} "
-                                   f"s) apart, got {chunk_seconds} and {overlap_seconds}")
+        self.min_samples = min_samples(asr, kind)
+        shortest = self.min_samples / self.sample_rate
+        if not (shortest <= chunk_seconds < math.inf and 0 <= overlap_seconds <= chunk_seconds / 2):
+            raise TranscriberError(
+                f"Need chunk_seconds of at least {shortest:g} s (the model's shortest input) and "
+                f"0 <= overlap_seconds <= chunk_seconds / 2 (a larger overlap decodes most audio "
+                f"several times), got chunk_seconds {chunk_seconds} and overlap_seconds "
+                f"{overlap_seconds} (the overlap's default is 4 s: --overlap-seconds sets it)")
         if batch_size < 1:
             raise TranscriberError(f"batch_size must be >= 1, got {batch_size}")
         self.asr, self.kind = asr, kind
-        self.min_samples = min_samples(asr, kind)
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
         self.batch_size = batch_size
         self.word_lm = word_lm  # inference.word_lm.CTCLMDecoder for CTC models, or None

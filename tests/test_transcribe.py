@@ -103,6 +103,12 @@ def test_merge_words():
     # no common word: each side drops the words of its half of the overlap
     assert merge_words(split("A B C D"), split("E F G"), 2, 2) == split("A B C F G")
     assert merge_words([], split("E F"), 0, 1) == split("E F")
+    # a common word outside the overlap's place (THE ... THE) is no anchor: it dropped 4 words
+    left, right = split("X Y ROUND UP TO THE NEREST HA UR FA"), split("IRIST HAL FEIR THE BIG DAY")
+    assert merge_words(left, right, 5, 5) == left[:-2] + right[2:]
+    # no overlap: joined as they are (a common word used to cut both sides)
+    assert merge_words(split("RIGHT TO THE"), split("SKY TO THE"), 0, 0) == split(
+        "RIGHT TO THE SKY TO THE")
 
 
 # --- Python API -------------------------------------------------------------------------------
@@ -389,19 +395,24 @@ def test_cli_short_files_and_tiny_chunks(ctc, ctc_dir, audio_files, tmp_path, ca
     x = ctc.load_audio(audio_files[0])[SR // 2:]
     files = [_write(tmp_path / "short.wav", x[:100], SR),
              _write(tmp_path / "mid.wav", x[: SR // 5], SR)]
-    assert transcribe.run([ctc_dir, *files, "--chunk-seconds", "0.01", "--overlap-seconds", "0",
+    # chunks of the model's shortest input (60 ms: 960 samples)
+    assert transcribe.run([ctc_dir, *files, "--chunk-seconds", "0.06", "--overlap-seconds", "0",
                            "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == files
     assert lines[0].split("\t")[1] == ctc.transcribe_waveform(x[:100], SR)
-    tiny = Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=0.01, overlap_seconds=0)
+    tiny = Transcriber.from_folder(ctc_dir, device="cpu", chunk_seconds=0.06, overlap_seconds=0)
     assert lines[1].split("\t")[1] == tiny.transcribe_waveform(x[:SR // 5], SR)
-    assert len(tiny.last_chunks[0]) == 20
-    for chunk, overlap in (("inf", "0"), ("nan", "0"), ("1e-6", "0"), ("2", "nan"), ("2", "inf")):
+    assert len(tiny.last_chunks[0]) == 4
+    # not finite; below the shortest input (padded garbage); an overlap above half the chunk
+    # (3 s and 2.9999 s: ~450k chunks for 60 s)
+    for chunk, overlap in (("inf", "0"), ("nan", "0"), ("0.05", "0"), ("2", "nan"), ("2", "inf"),
+                           ("3", "2.9999"), ("2", "4")):
         assert transcribe.run([ctc_dir, files[0], "--chunk-seconds", chunk, "--overlap-seconds",
                                overlap, "--device", "cpu"]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("ERROR: Need 0 < chunk_seconds < inf") and err.count("\n") == 1
+        assert err.startswith("ERROR: Need chunk_seconds of at least 0.06 s") and \
+            err.count("\n") == 1
 
 
 def test_integer_pcm_is_scaled_to_float(ctc, audio_files):
