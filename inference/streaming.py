@@ -136,6 +136,9 @@ class StreamingTranscriber:
         yield len(wav) / self.sample_rate, text, time.perf_counter() - t0, True
 
 
+PARTIAL_CHARS = 100  # of the text so far on a --stream progress line
+
+
 def percentile(values, q):
     """The q-th percentile (nearest rank) of a non-empty list of numbers."""
     ordered = sorted(values)
@@ -146,7 +149,8 @@ def stream_files(asr, paths, piece_seconds, text_only=False, out=None, err=None,
                  on_error=None):
     """``transcribe.py --stream``: each file streamed as if live, in pieces of piece_seconds.
 
-    Prints a line whenever the text changes, ``[audio s | compute ms] TEXT``, then
+    Prints a line whenever the text changes, ``[audio s | compute ms] TEXT`` (its last
+    PARTIAL_CHARS characters: the output stays linear in the stream's length), then
     ``PATH<TAB>FINAL TEXT`` (--text-only: the final text only); compute statistics go to err.
     on_error : None (a file that cannot be read raises AudioError) or on_error(path, error),
         called for such a file before going on with the next (--text-only: an empty line).
@@ -173,7 +177,8 @@ def stream_files(asr, paths, piece_seconds, text_only=False, out=None, err=None,
             if final:
                 print(text if text_only else f"{path}\t{text}", file=out, flush=True)
             elif text != shown and not text_only:
-                print(f"[{pushed:8.2f} s | {seconds * 1000:6.1f} ms] {text}", file=out,
+                tail = text if len(text) <= PARTIAL_CHARS else "..." + text[3 - PARTIAL_CHARS:]
+                print(f"[{pushed:8.2f} s | {seconds * 1000:6.1f} ms] {tail}", file=out,
                       flush=True)
                 shown = text
         duration = len(wav) / asr.sample_rate

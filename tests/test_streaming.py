@@ -315,3 +315,27 @@ def test_a_non_finite_piece_is_refused_and_the_stream_goes_on(streaming_dir, spe
                 asr.push(bad)
         asr.push(piece)
     assert asr.finish() == expected
+
+
+def test_stream_progress_lines_stay_short(speech_file):
+    """Each progress line shows the end of the text so far: the output of a long stream grows
+    linearly, not with the square of its length (a whole-text line per change before)."""
+    from inference.streaming import PARTIAL_CHARS
+
+    class Growing:
+        sample_rate = SR
+
+        def transcribe_pieces(self, wav, piece):
+            text = ""
+            for k in range(200):
+                text += f" WORD{k}"
+                yield k * 0.1, text.strip(), 0.001, False
+            yield 20.0, text.strip(), 0.001, True
+
+    out, err = io.StringIO(), io.StringIO()
+    stream_files(Growing(), [speech_file], 0.1, out=out, err=err)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 201 and lines[-1].endswith("WORD198 WORD199")
+    progress = [line.split("] ", 1)[1] for line in lines[:-1]]
+    assert max(map(len, progress)) == PARTIAL_CHARS and progress[-1].startswith("...")
+    assert progress[-1].endswith("WORD199") and progress[0] == "WORD0"
