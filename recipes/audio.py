@@ -5,6 +5,7 @@ is an AudioError naming the file (and the manifest's utterance ID when there is 
 import numbers
 import os
 
+import numpy as np
 import soundfile
 import torch
 import torchaudio
@@ -131,9 +132,39 @@ def load_audio(path, sample_rate, utt_id=None, min_duration=0.0):
     Raises AudioError naming the file (and utt_id) when it cannot be decoded, is empty or is
     shorter than ``min_duration`` seconds (whatever a manifest's duration column says).
     """
-    audio, sr = read_audio(path, utt_id)
+    audio, sr = read_mono(path, utt_id)
     if audio.shape[0] < min_duration * sr:
         raise AudioError(f"Audio {_where(path, utt_id)} lasts {audio.shape[0] / sr:.3f} s, less "
                          f"than min_duration {min_duration} s (too short for the front end's 4x "
                          "subsampling); remove its row from the manifest")
-    return to_mono(audio.mean(dim=1), sr, sample_rate)
+    return to_mono(audio, sr, sample_rate)
+
+
+MONO_BLOCK = 1 << 20  # frames decoded at a time by read_mono
+
+
+def read_mono(path, utt_id=None):
+    """A file as float32 mono (samples,) (channels averaged) and its sample rate, decoded in
+    blocks of MONO_BLOCK frames so that only the mono samples are held whole (a 2-hour 44.1 kHz
+    stereo file: 1.3 GB instead of 2.5 GB decoded plus its copies); the errors of read_audio."""
+    try:
+        with soundfile.SoundFile(path) as f:
+            sample_rate, audio, filled = f.samplerate, np.empty(f.frames, np.float32), 0
+            for block in f.blocks(MONO_BLOCK, dtype="float32", always_2d=True):
+                try:
+                    check_finite(torch.from_numpy(block), f"Audio file {_where(path, utt_id)}")
+                except AudioError as e:  # with the sample's place in the file
+                    bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                    raise AudioError(f"Audio file {_where(path, utt_id)} has NaN or infinite "
+                                     f"samples, the first at sample {filled + bad}; replace them "
+                                     "(e.g. numpy.nan_to_num) or drop the audio") from e
+                audio[filled: filled + len(block)] = block.mean(axis=1)
+                filled += len(block)
+    except AudioError:
+        raise
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError...)
+        raise _undecodable(path, utt_id, e) from e
+    if filled == 0:
+        raise _empty(path, utt_id)
+    # (fewer frames than the header announced: what decodes)
+    return torch.from_numpy(audio[:filled]), sample_rate

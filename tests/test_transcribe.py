@@ -516,7 +516,8 @@ def test_non_finite_audio_and_bad_sample_rates_are_refused(ctc, ctc_dir, audio_f
     assert transcribe.run([ctc_dir, path, audio_files[1]]) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"ERROR: Audio file {path} has 1 NaN or infinite")
+    assert len(err) == 1 and err[0].startswith(
+        f"ERROR: Audio file {path} has NaN or infinite samples, the first at sample 1234")
     assert captured.out.splitlines()[0].startswith(audio_files[1] + "\t")
 
 
@@ -528,3 +529,21 @@ def test_forced_scan_backend_that_cannot_run_is_one_error_line(ctc_dir, audio_fi
     assert len(err) == 1 and err[0].startswith(
         "ERROR: selective_scan backend 'cuda' (from MAMBA_SCAN_BACKEND) needs CUDA tensors")
     assert "MAMBA_SCAN_BACKEND=auto or torch" in err[0]
+
+
+def test_files_are_decoded_to_mono_block_by_block(ctc, audio_files, tmp_path, monkeypatch):
+    """load_audio averages channels a block at a time (only the mono samples are held whole):
+    the same samples as averaging the whole decoded file; a NaN is placed in the file."""
+    from recipes import audio
+
+    x = ctc.load_audio(audio_files[0])
+    stereo = torch.stack([x, 0.5 * x.flip(0)], 1)
+    path = _write(tmp_path / "st.wav", stereo, 44100)
+    monkeypatch.setattr(audio, "MONO_BLOCK", 1000)
+    whole, sr = audio.read_audio(path)
+    assert torch.equal(audio.read_mono(path)[0], whole.mean(dim=1)) and sr == 44100
+    assert torch.equal(load_audio(path, SR), audio.to_mono(whole.mean(dim=1), 44100, SR))
+    stereo[2500, 1] = float("nan")
+    path = _write(tmp_path / "nan.wav", stereo, 44100)
+    with pytest.raises(AudioError, match="NaN or infinite samples, the first at sample 2500"):
+        load_audio(path, SR)
