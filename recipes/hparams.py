@@ -236,6 +236,14 @@ def load_recipe(path, overrides=None, device="cpu", cli_settings=None):
     """
     cli_settings = dict(cli_settings or {})
     user = parse_overrides(overrides)
+    config = user.get("mamba_config")
+    both = [k for k in (config if hasattr(config, "keys") else {}) if k in user
+            and user[k] != config[k]]
+    if both:
+        raise RecipeError(
+            "Given twice with different values, as a key and in mamba_config: "
+            + ", ".join(f"{k} ({user[k]} and {config[k]})" for k in both)
+            + "; give each once")
     routed, inc_key = route_overrides(path, user)
     seen = preview(path, routed, inc_key)
     check_sizes(seen)

@@ -276,3 +276,9 @@ def test_ctc_decoder_layers_and_resolved_yaml_are_refused(repo_root, tmp_path):
     saved.write_text(inlined.replace("<<: *recipe_hparams  #", "#"))
     with pytest.raises(RecipeError, match="resolved hyperparams.yaml a run writes"):
         load_recipe(str(saved), {"output_folder": str(tmp_path)})
+
+
+def test_a_mamba_key_given_twice_with_two_values_is_refused(repo_root, tmp_path):
+    with pytest.raises(RecipeError, match=r"d_state \(4 and 16\); give each once"):
+        _tiny(repo_root, tmp_path, d_state=4, mamba_config={"d_state": 16})
+    assert _tiny(repo_root, tmp_path, d_state=16, mamba_config={"d_state": 16})["d_state"] == 16
