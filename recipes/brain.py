@@ -57,6 +57,7 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         self.test_searcher = test_searcher
         self.tensorboard = tensorboard
         self.result_files = {}  # {"wer": path, "cer": path} of the test set being evaluated
+        self.test_name = None  # and its name
 
     def on_fit_start(self):
         super().on_fit_start()  # recovers the last checkpoint
@@ -163,6 +164,7 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         folder = self.hparams.output_wer_folder
         os.makedirs(folder, exist_ok=True)
         for name, dataset in tests.items():
+            self.test_name = name
             self.result_files = {"wer": os.path.join(folder, f"{wer_name}_{name}.txt"),
                                  "cer": os.path.join(folder, wer_name.replace("wer", "cer", 1)
                                                      + f"_{name}.txt")}
@@ -187,7 +189,8 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
     def log_test(self, stage_stats):
         """Logs test statistics and writes the error rates to ``result_files`` (main process)."""
         self.hparams.train_logger.log_stats(
-            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current,
+                        "test set": self.test_name},
             test_stats=stage_stats)
         if if_main_process():
             for metric, key in ((self.wer_metric, "wer"), (self.cer_metric, "cer")):

@@ -152,6 +152,9 @@ def test_outputs_and_settings(ctc_run):
     out = ctc_run["out"]
     assert "%WER" in (out / "wer_test.txt").read_text()
     assert "%WER" in (out / "cer_test.txt").read_text()  # CER: ErrorRateStats over characters
+    tested = [line for line in (out / "train_log.txt").read_text().splitlines()
+              if line.startswith("Epoch loaded")]
+    assert tested and all("test set: test - test loss" in line for line in tested)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     stdout = ctc_run["resumed"].stdout
     assert "device cpu" in stdout and "precision: fp32 (cpu preset)" in stdout
