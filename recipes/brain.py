@@ -151,6 +151,11 @@ class RecipeBrain(FaultTolerance, sb.core.Brain):
         self.hparams.model.eval()
         logger.info(f"Evaluating the average of {len(ckpts)} checkpoint(s): "
                     + ", ".join(c.path.name for c in ckpts))
+        if len(ckpts) < self.hparams.avg_checkpoints:
+            logger.warning(f"avg_checkpoints is {self.hparams.avg_checkpoints} but "
+                           f"{self.checkpointer.checkpoints_dir} holds {len(ckpts)} checkpoint(s) "
+                           f"with a {max_key or min_key} value: averaging {len(ckpts)} (the run "
+                           "kept the avg_checkpoints it trained with)")
 
     def evaluate_best(self, test_set, **kwargs):
         """evaluate() with the checkpoints ranked by this recipe's validation statistic."""

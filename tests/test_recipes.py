@@ -155,6 +155,9 @@ def test_outputs_and_settings(ctc_run):
     tested = [line for line in (out / "train_log.txt").read_text().splitlines()
               if line.startswith("Epoch loaded")]
     assert tested and all("test set: test - test loss" in line for line in tested)
+    # the first run tested after 1 epoch: 1 checkpoint to average where tiny.yaml asks for 2
+    resumed = ctc_run["resumed"].stdout + ctc_run["resumed"].stderr
+    assert "avg_checkpoints is 2 but" in resumed and "averaging 1" in resumed
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     stdout = ctc_run["resumed"].stdout
     assert "device cpu" in stdout and "precision: fp32 (cpu preset)" in stdout
