@@ -366,3 +366,18 @@ def test_unreadable_training_file_stops_after_a_checkpoint(manifests, tmp_path):
     resumed = _ok(train(tmp_path / "out", data, *opts, epochs=1))
     assert "Loading a checkpoint" in resumed.stdout + resumed.stderr
     assert "steps: 4" in (tmp_path / "out" / "train_log.txt").read_text()
+
+
+def test_unreadable_training_file_under_ddp_stops_instead_of_hanging(manifests, tmp_path):
+    """Two processes: the one that meets the broken file must not enter a checkpoint save (a
+    collective the other never joins: it hung forever); the run stops, naming the file."""
+    bad = tmp_path / "late.wav"
+    bad.write_bytes(b"RIFF....WAVE but not audio")
+    rows = _shortest("train", 12)
+    rows.append({**rows[0], "ID": "late", "duration": "99", "wav": str(bad)})  # sorted last
+    data = (_write(tmp_path / "train.csv", rows), *manifests[1:])
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    crash = train(tmp_path / "out", data, "--sorting", "ascending", "--check_data", "False",
+                  epochs=1, launcher=(torchrun, "--standalone", "--nproc-per-node", "2"))
+    assert crash.returncode != 0  # (train's timeout: 600 s)
+    assert "late.wav (ID late)" in crash.stderr
