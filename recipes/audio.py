@@ -51,15 +51,17 @@ def check_audio(path, utt_id=None):
     return info.frames / info.samplerate
 
 
-def check_finite(wav, what="Audio"):
+def check_finite(wav, what="Audio", channel_dim=None):
     """AudioError when a float waveform holds NaN or infinite samples (they would silently turn
-    a whole transcript, or a stream from then on, into nothing)."""
+    a whole transcript, or a stream from then on, into nothing). wav: (samples,), or 2-D with
+    its channels along channel_dim (default: the smaller dimension, as downmix reads it)."""
     bad = ~torch.isfinite(wav)
     if bad.any():
-        first = int(bad.reshape(-1).nonzero()[0])
+        if wav.dim() == 2:  # a sample is bad when any of its channels is
+            bad = bad.any(dim=_channel_dim(wav) if channel_dim is None else channel_dim)
         raise AudioError(f"{what} has {int(bad.sum())} NaN or infinite sample(s), the first at "
-                         f"sample {first // wav.shape[-1] if wav.dim() == 2 else first}; "
-                         "replace them (e.g. numpy.nan_to_num) or drop the audio")
+                         f"sample {int(bad.nonzero()[0])}; replace them (e.g. "
+                         "numpy.nan_to_num) or drop the audio")
 
 
 def read_audio(path, utt_id=None):
@@ -72,7 +74,7 @@ def read_audio(path, utt_id=None):
     if audio.shape[0] == 0:
         raise _empty(path, utt_id)
     audio = torch.from_numpy(audio)
-    check_finite(audio, f"Audio file {_where(path, utt_id)}")
+    check_finite(audio, f"Audio file {_where(path, utt_id)}", channel_dim=1)
     return audio, sample_rate
 
 
@@ -99,12 +101,17 @@ def to_float(wav):
     return wav
 
 
+def _channel_dim(wav):
+    """The channel dimension of 2-D audio: the smaller one."""
+    return 1 if wav.shape[1] <= wav.shape[0] else 0
+
+
 def downmix(wav):
     """(samples,) or 2-D float audio (channels = the smaller dimension) -> (samples,)."""
     if wav.numel() == 0:
         return wav.reshape(0)
     if wav.dim() == 2:
-        return wav.mean(dim=1 if wav.shape[1] <= wav.shape[0] else 0)
+        return wav.mean(dim=_channel_dim(wav))
     if wav.dim() != 1:
         raise AudioError(f"Expected audio of shape (samples,) or (samples, channels), "
                          f"got {tuple(wav.shape)}")
@@ -151,20 +158,14 @@ def read_mono(path, utt_id=None):
         with soundfile.SoundFile(path) as f:
             sample_rate, audio, filled = f.samplerate, np.empty(f.frames, np.float32), 0
             for block in f.blocks(MONO_BLOCK, dtype="float32", always_2d=True):
-                try:
-                    check_finite(torch.from_numpy(block), f"Audio file {_where(path, utt_id)}")
-                except AudioError as e:  # with the sample's place in the file
-                    bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                    raise AudioError(f"Audio file {_where(path, utt_id)} has NaN or infinite "
-                                     f"samples, the first at sample {filled + bad}; replace them "
-                                     "(e.g. numpy.nan_to_num) or drop the audio") from e
                 audio[filled: filled + len(block)] = block.mean(axis=1)
                 filled += len(block)
-    except AudioError:
-        raise
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError...)
         raise _undecodable(path, utt_id, e) from e
     if filled == 0:
         raise _empty(path, utt_id)
-    # (fewer frames than the header announced: what decodes)
-    return torch.from_numpy(audio[:filled]), sample_rate
+    # (fewer frames than the header announced: what decodes); a NaN or infinity in any channel
+    # is one in the average
+    audio = torch.from_numpy(audio[:filled])
+    check_finite(audio, f"Audio file {_where(path, utt_id)}")
+    return audio, sample_rate

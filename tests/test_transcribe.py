@@ -517,7 +517,7 @@ def test_non_finite_audio_and_bad_sample_rates_are_refused(ctc, ctc_dir, audio_f
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"ERROR: Audio file {path} has NaN or infinite samples, the first at sample 1234")
+        f"ERROR: Audio file {path} has 1 NaN or infinite sample(s), the first at sample 1234")
     assert captured.out.splitlines()[0].startswith(audio_files[1] + "\t")
 
 
@@ -545,5 +545,10 @@ def test_files_are_decoded_to_mono_block_by_block(ctc, audio_files, tmp_path, mo
     assert torch.equal(load_audio(path, SR), audio.to_mono(whole.mean(dim=1), 44100, SR))
     stereo[2500, 1] = float("nan")
     path = _write(tmp_path / "nan.wav", stereo, 44100)
-    with pytest.raises(AudioError, match="NaN or infinite samples, the first at sample 2500"):
+    with pytest.raises(AudioError,
+                       match=r"1 NaN or infinite sample\(s\), the first at sample 2500"):
         load_audio(path, SR)
+    # a waveform's position whichever way its channels lie (channels: the smaller dimension)
+    for wave in (stereo, stereo.t()):
+        with pytest.raises(AudioError, match=r"Audio has 1 NaN .*, the first at sample 2500;"):
+            ctc.transcribe_waveform(wave, 44100)
