@@ -64,8 +64,8 @@ def lm_settings(folder):
             raise RecipeError(f"{path}: kind must be one of {LM_KINDS}, got "
                               f"{settings.get('kind')!r}; rebuild it with "
                               "`python -m inference.make_word_lm`")
-        files = [TOKEN_ARPA] if settings["kind"] == "token" else [LEXICON, ARPA]
-        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        missing = [f for f in LM_FILES[settings["kind"]]
+                   if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             raise RecipeError(f"{path} names a {settings['kind']} LM but {', '.join(missing)} "
                               "is missing; rebuild it with `python -m inference.make_word_lm`")
@@ -265,9 +265,10 @@ def add_ctc_lm(model_dir, sources, kind="token", order=None, exclude=(), column=
     if lm_weight is None:
         lm_weight = 0.5 if kind == "token" else DEFAULT_WEIGHTS["lm_weight"]
     write_lm_settings(model_dir, kind, lm_weight, word_score)
-    for name in LM_FILES[LM_KINDS[1 - LM_KINDS.index(kind)]]:  # the other kind's, now unused
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(model_dir, name))
+    for other in LM_KINDS:  # the other kind's files, now unused
+        for name in LM_FILES[other] if other != kind else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(model_dir, name))
     return report
 
 
@@ -286,7 +287,7 @@ def _load_decoder(ctc_decoder, folder, kind, **options):
     except RuntimeError as err:
         if "flashlight" in str(err).lower():
             raise RecipeError(NO_FLASHLIGHT) from err
-        files = TOKEN_ARPA if kind == "token" else f"{LEXICON} and {ARPA}"
+        files = " and ".join(LM_FILES[kind])
         raise RecipeError(f"The CTC LM in {folder} cannot be loaded ({files}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}); "
                           "rebuild it with `python -m inference.make_word_lm` MODEL_DIR TEXT, or "
