@@ -61,9 +61,10 @@ def parse_args(argv):
                              "from the model folder: 300 for CTC models with a Mamba encoder, "
                              "linear in time and memory; 30 for attention encoders and S2S)")
     parser.add_argument("--overlap-seconds", type=float, default=None,
-                        help="overlap between consecutive chunks (4); their transcripts are "
-                             "joined at the middle of the longest word run both transcribe in "
-                             "the overlap (else each drops its half of the overlap's words)")
+                        help="overlap between consecutive chunks (4; at most half a chunk); "
+                             "their transcripts are joined at the middle of the longest word "
+                             "run both transcribe where the overlap is (else each drops its "
+                             "half of the overlap's words; 0: joined as they are)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="files or chunks decoded together (4)")
     parser.add_argument("--text-only", action="store_true",
